@@ -1,0 +1,336 @@
+"""pi-bench: prompt and decode speed, side by side, at one VRAM budget.
+
+One run measures into one :class:`BenchResult`; the table, ``--json`` and ``--plot`` are renderings
+of it (llama-bench's printer idea). Each side is timed by llama-bench from its own build (stock:
+unpatched; ours: patched), one repetition per invocation, the sides interleaved round by round so
+that machine noise hits both alike.
+
+Stock's best use of a small GPU is layer offload: the largest ``-ngl`` whose weights, KV cache and
+compute buffer fit the budget, computed from the GGUF's tensor sizes (:func:`stock_offload`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GiB = 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
+          "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+AUTO_MARGIN = 1 * GiB  # "auto": free VRAM minus this
+
+
+@dataclass
+class ModelSizes:
+    """What placement needs to know of a GGUF, read from its header (no weights loaded)."""
+
+    path: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+    layer_bytes: list[int]        # all tensors of blk.N
+    output_bytes: int             # output.weight + output_norm (offloaded with -ngl n_layer+1)
+    input_bytes: int              # token_embd (always on the CPU in llama.cpp)
+    ffn_bytes: list[int]          # ffn_gate/up/down of blk.N
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.output_bytes + self.input_bytes
+
+    def kv_bytes_per_layer(self, n_ctx: int) -> int:
+        """F16 K and V cache of one layer (llama.cpp's default cache type)."""
+        head_dim = self.n_embd // self.n_head
+        return 2 * n_ctx * self.n_head_kv * head_dim * 2
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "ModelSizes":
+        import gguf
+
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such model file: {path}")
+        try:
+            r = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises bare ValueErrors/struct errors on junk
+            raise ValueError(f"{path}: not a readable GGUF ({e})") from None
+        arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
+        if arch is None:
+            raise ValueError(f"{path}: GGUF has no general.architecture")
+
+        def kv(key: str, default=None):
+            f = r.fields.get(f"{arch}.{key}")
+            if f is None:
+                if default is None:
+                    raise ValueError(f"{path}: missing key {arch}.{key}")
+                return default
+            return f.contents()
+
+        n_layer = int(kv("block_count"))
+        layer = [0] * n_layer
+        ffn = [0] * n_layer
+        out = inp = 0
+        for t in r.tensors:
+            m = re.match(r"blk\.(\d+)\.", t.name)
+            if m and int(m.group(1)) < n_layer:
+                i = int(m.group(1))
+                layer[i] += int(t.n_bytes)
+                if re.match(r"blk\.\d+\.ffn_(gate|up|down)\.", t.name):
+                    ffn[i] += int(t.n_bytes)
+            elif t.name.startswith("token_embd"):
+                inp += int(t.n_bytes)
+            else:
+                out += int(t.n_bytes)
+        n_head = int(kv("attention.head_count"))
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        n_vocab = int(kv("vocab_size", len(tokens.data) if tokens is not None else 32000))
+        return cls(path, n_layer, int(kv("embedding_length")), n_head,
+                   int(kv("attention.head_count_kv", n_head)), int(kv("feed_forward_length")),
+                   n_vocab, layer, out, inp, ffn)
+
+
+def parse_size(text: str | int | float, reference_bytes: int | None = None) -> int:
+    """'8GiB', '10GB', '512MiB', '0', '40%' (of reference_bytes: the model's weights), 'auto'."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().lower().replace(" ", "")
+    if s == "auto":
+        free = gpu_free_bytes()
+        return max(0, free - AUTO_MARGIN) if free else 0
+    if s.endswith("%"):
+        if reference_bytes is None:
+            raise ValueError(f"budget {text!r}: a percentage needs a model to be a share of")
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            raise ValueError(f"bad budget {text!r}") from None
+        if not 0 <= pct <= 100:
+            raise ValueError(f"budget {text!r}: a percentage must be within 0-100")
+        return int(reference_bytes * pct / 100)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"bad size {text!r}: use e.g. 0, 512MiB, 8GiB, 10GB, 40% or auto")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def gpu_free_bytes() -> int:
+    """Free memory of the first NVIDIA GPU, 0 where there is none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    r = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        return 0
+    return int(float(r.stdout.split()[0]) * (1 << 20))
+
+
+@dataclass
+class Offload:
+    """A stock layer-offload plan: -ngl and what it puts on the GPU."""
+
+    ngl: int
+    weight_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.compute_bytes
+
+
+def compute_buffer_estimate(sizes: ModelSizes, n_ctx: int, n_ubatch: int, output_on_gpu: bool) -> int:
+    """Rough size of llama.cpp's GPU compute buffer (f32 activations of one ubatch). An estimate,
+    not llama.cpp's exact reservation: it keeps the plan on the safe side of the budget."""
+    per_tok = 4 * (4 * sizes.n_embd + 2 * sizes.n_ff + sizes.n_head * n_ctx)
+    if output_on_gpu:
+        per_tok += 4 * sizes.n_vocab
+    return per_tok * n_ubatch
+
+
+def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 512) -> Offload:
+    """The largest -ngl whose weights + KV cache + compute buffer fit ``budget`` bytes.
+
+    llama.cpp offloads the *last* ngl repeating layers (and, at ngl = n_layer + 1, the output
+    layer); each offloaded layer also keeps its KV cache on the GPU. The token embedding stays on
+    the CPU. A CPU-only machine or budget 0 gives ngl 0."""
+    best = Offload(0, 0, 0, 0)
+    kv = sizes.kv_bytes_per_layer(n_ctx)
+    for ngl in range(1, sizes.n_layer + 2):
+        n_rep = min(ngl, sizes.n_layer)
+        w = sum(sizes.layer_bytes[sizes.n_layer - n_rep:]) + (sizes.output_bytes if ngl > sizes.n_layer else 0)
+        plan = Offload(ngl, w, kv * n_rep,
+                       compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), ngl > sizes.n_layer))
+        if plan.gpu_bytes > budget:
+            break
+        best = plan
+    return best
+
+
+# --- running llama-bench ----------------------------------------------------------------------
+
+
+@dataclass
+class SideResult:
+    name: str                      # "stock" or "ours"
+    binary: str
+    args: list[str]
+    strategy: str                  # e.g. "-ngl 12"
+    gpu_bytes: int
+    pp_samples: list[float] = field(default_factory=list)
+    tg_samples: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _mean_sd(xs: list[float]) -> tuple[float, float]:
+        if not xs:
+            return 0.0, 0.0
+        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    @property
+    def pp_tps(self) -> float:
+        return self._mean_sd(self.pp_samples)[0]
+
+    @property
+    def tg_tps(self) -> float:
+        return self._mean_sd(self.tg_samples)[0]
+
+    def summary(self) -> dict:
+        pp, pp_sd = self._mean_sd(self.pp_samples)
+        tg, tg_sd = self._mean_sd(self.tg_samples)
+        return {"pp_tps": pp, "pp_sd": pp_sd, "tg_tps": tg, "tg_sd": tg_sd,
+                "pp_samples": self.pp_samples, "tg_samples": self.tg_samples,
+                "strategy": self.strategy, "gpu_bytes": self.gpu_bytes, "binary": self.binary,
+                "args": self.args}
+
+
+@dataclass
+class BenchResult:
+    model: str
+    budget_bytes: int
+    threads: int
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    weight_bytes: int
+    sides: dict[str, SideResult]
+
+    def to_json(self) -> dict:
+        d = {"model": self.model, "budget_bytes": self.budget_bytes, "threads": self.threads,
+             "n_prompt": self.n_prompt, "n_gen": self.n_gen, "repetitions": self.repetitions,
+             "weight_bytes": self.weight_bytes}
+        for name, side in self.sides.items():
+            d[name] = side.summary()
+        if "stock" in self.sides and "ours" in self.sides and self.sides["stock"].tg_tps:
+            d["ratio_tg"] = self.sides["ours"].tg_tps / self.sides["stock"].tg_tps
+            if self.sides["stock"].pp_tps:
+                d["ratio_pp"] = self.sides["ours"].pp_tps / self.sides["stock"].pp_tps
+        return d
+
+
+def llama_bench_once(binary: str, model: str, args: list[str], n_prompt: int, n_gen: int,
+                     threads: int) -> tuple[float | None, float | None]:
+    """One repetition of llama-bench (its own warm-up included); returns (pp t/s, tg t/s)."""
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+           "-r", "1", "-o", "json", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{Path(binary).name} failed on {model}: {last}")
+    try:
+        records = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{Path(binary).name}: unreadable JSON output") from None
+    pp = tg = None
+    for rec in records:
+        if rec.get("n_prompt", 0) > 0 and rec.get("n_gen", 0) == 0:
+            pp = float(rec["avg_ts"])
+        elif rec.get("n_gen", 0) > 0 and rec.get("n_prompt", 0) == 0:
+            tg = float(rec["avg_ts"])
+    return pp, tg
+
+
+def run_bench(model: str, budget: str | int = 0, threads: int | None = None, n_prompt: int = 64,
+              n_gen: int = 128, repetitions: int = 3, progress=print) -> BenchResult:
+    """Stock llama.cpp at the budget (ours joins when the sparse engine lands)."""
+    from .build import bin_path
+
+    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
+        raise ValueError("need -p and/or -n above 0")
+    if repetitions < 1:
+        raise ValueError("need at least one repetition")
+    sizes = ModelSizes.from_gguf(model)
+    budget_bytes = parse_size(budget, sizes.weight_bytes)
+    if budget_bytes < 0:
+        raise ValueError("the VRAM budget cannot be negative")
+    threads = threads or os.cpu_count() or 1
+    n_ctx = n_prompt + n_gen
+    plan = stock_offload(sizes, budget_bytes, n_ctx)
+    stock = SideResult("stock", str(bin_path("stock", "llama-bench")), ["-ngl", str(plan.ngl)],
+                       f"-ngl {plan.ngl}/{sizes.n_layer + 1}", plan.gpu_bytes)
+    sides = {"stock": stock}
+    for rep in range(repetitions):
+        for side in sides.values():
+            pp, tg = llama_bench_once(side.binary, model, side.args, n_prompt, n_gen, threads)
+            if pp is not None:
+                side.pp_samples.append(pp)
+            if tg is not None:
+                side.tg_samples.append(tg)
+            progress(f"[{rep + 1}/{repetitions}] {side.name}: "
+                     + (f"pp{n_prompt} {pp:.2f} t/s  " if pp else "") + (f"tg{n_gen} {tg:.2f} t/s" if tg else ""))
+    return BenchResult(model, budget_bytes, threads, n_prompt, n_gen, repetitions, sizes.weight_bytes, sides)
+
+
+def render_table(res: BenchResult) -> str:
+    """Markdown table, llama-bench style (mean +- sd over repetitions)."""
+    lines = [f"model: {res.model} ({res.weight_bytes / GiB:.2f} GiB of weights), VRAM budget "
+             f"{res.budget_bytes / GiB:.2f} GiB, {res.threads} threads, {res.repetitions} repetitions",
+             "", "| side | placement | GPU GiB | pp{0} t/s | tg{1} t/s |".format(res.n_prompt, res.n_gen),
+             "|---|---|---:|---:|---:|"]
+    for s in res.sides.values():
+        d = s.summary()
+        pp = f"{d['pp_tps']:.2f} ± {d['pp_sd']:.2f}" if s.pp_samples else "-"
+        tg = f"{d['tg_tps']:.2f} ± {d['tg_sd']:.2f}" if s.tg_samples else "-"
+        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} |")
+    j = res.to_json()
+    if "ratio_tg" in j:
+        lines.append(f"\ndecode ratio ours/stock: {j['ratio_tg']:.2f}x")
+    return "\n".join(lines)
+
+
+def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
+    """Paper-style bars: tokens/s per side, prompt and decode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res.sides)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, key, title in ((axes[0], "pp", f"prompt (pp{res.n_prompt})"),
+                           (axes[1], "tg", f"decode (tg{res.n_gen})")):
+        vals = [res.sides[n].summary()[f"{key}_tps"] for n in names]
+        sds = [res.sides[n].summary()[f"{key}_sd"] for n in names]
+        bars = ax.bar(names, vals, yerr=sds, capsize=4, color=["#888888", "#d62728"][:len(names)])
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom")
+        ax.set_title(title)
+        ax.set_ylabel("tokens/s")
+    fig.suptitle(f"{Path(res.model).name}, VRAM budget {res.budget_bytes / GiB:.1f} GiB, {res.threads} threads")
+    fig.tight_layout()
+    tmp = Path(str(path) + ".part.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(res: BenchResult, path: str | os.PathLike) -> None:
+    tmp = Path(str(path) + ".part")
+    tmp.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,462 @@
+"""Set-up: fetch the pinned llama-cpp-python sdist, apply patches/, build patched + stock, install.
+
+Everything lands in a cache (``$PI_CACHE``, default ``~/.cache/powerinfer_gguf``) keyed by the sdist
+version, the hash of patches/ and the build flags, so a second set-up, or a fresh clone on the same
+machine, rebuilds nothing:
+
+    sdist/llama_cpp_python-0.3.36.tar.gz      the pinned sdist (or a GPU pack, see ``pack``)
+    src/stock-<sdist>/                        unpacked, untouched (vendor/llama.cpp inside)
+    src/patched-<sdist>/                      llama.cpp + patches/, a git repo: one commit per patch
+    build/stock-<sdist>-<flags>/bin/          static llama-bench, llama-completion, llama-quantize, ...
+    build/patched-<sdist>-<flags>/bin/        shared libllama + libggml*, the same tools, test-backend-ops
+
+Each tree and build holds a stamp naming what it was made from (patched: the hash of patches/); a
+changed patches/ re-applies over the stock commit and rebuilds incrementally in the same folders.
+
+The patched shared libraries are copied into the installed ``llama_cpp/lib/``, so ``import llama_cpp``
+loads them (llama-cpp-python's Python part is installed with ``-DLLAMA_BUILD=OFF``: no C++ compiled).
+This module uses the standard library only: it runs before anything else is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SDIST_PACKAGE = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+LLAMA_CPP_COMMIT = "0c1e57098"  # what SDIST_VERSION vendors
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+SDIST_DIR = f"llama_cpp_python-{SDIST_VERSION}"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATCHES_DIR = REPO_ROOT / "patches"
+
+STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize"]
+PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "test-backend-ops"]
+# What a GPU machine needs to build (no models/, docs/, tests data): ~6.4 MB packed with xz.
+PACK_LLAMA_DIRS = ["ggml", "src", "include", "common", "tools", "cmake", "vendor", "app", "licenses",
+                   "gguf-py", "CMakeLists.txt", "LICENSE", "build-info.cmake" ]
+STAMP = ".pi-ok"
+
+
+class BuildError(RuntimeError):
+    """A set-up step failed; the message names the step and the log file."""
+
+
+def log(msg: str) -> None:
+    print(f"[pi-setup] {msg}", flush=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PI_CACHE", Path.home() / ".cache" / "powerinfer_gguf")).expanduser()
+
+
+def patch_files() -> list[Path]:
+    return sorted(p for p in PATCHES_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+
+def patches_hash() -> str:
+    h = hashlib.sha256(SDIST_VERSION.encode())
+    for p in patch_files():
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The flags that change what gets compiled (part of the cache key)."""
+
+    cuda_arch: str | None  # e.g. "90"; None: CPU only
+    native: bool = True
+
+    @property
+    def cuda(self) -> bool:
+        return self.cuda_arch is not None
+
+    def cmake_flags(self, shared: bool) -> list[str]:
+        flags = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DBUILD_SHARED_LIBS={'ON' if shared else 'OFF'}",
+            "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+            # test-backend-ops checks our ops on every backend: the patched side builds it.
+            f"-DLLAMA_BUILD_TESTS={'ON' if shared else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+            f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}",
+            # Binaries find the shared libs beside them wherever the folder is copied.
+            "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+        ]
+        if self.cuda:
+            flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}"]
+        return flags
+
+    def key(self) -> str:
+        return "cuda" + self.cuda_arch if self.cuda else "cpu"
+
+
+def _gpu_arch() -> str | None:
+    """Compute capability of the first NVIDIA GPU as CMake wants it ("90"), or None."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return out.stdout.strip().splitlines()[0].strip().replace(".", "")
+
+
+def detect_config() -> BuildConfig:
+    """CUDA when a GPU answers (or PI_CUDA=1 / PI_CUDA=<arch>); PI_CUDA=0 forces CPU."""
+    want = os.environ.get("PI_CUDA", "").strip()
+    native = os.environ.get("PI_NATIVE", "1") != "0"
+    if want == "0":
+        return BuildConfig(None, native)
+    if want and want != "1":
+        return BuildConfig(want, native)
+    arch = _gpu_arch()
+    if want == "1" and arch is None:
+        arch = "90"  # asked for CUDA on a machine without a GPU: build for Hopper
+    return BuildConfig(arch, native)
+
+
+def _run(cmd: list[str], step: str, logfile: Path, cwd: Path | None = None,
+         env: dict | None = None) -> None:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        r = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise BuildError(f"{step} failed (exit {r.returncode}); log: {logfile}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def sdist_path() -> Path:
+    """The pinned sdist (downloaded once), or the pack named by PI_SDIST (GPU machine)."""
+    override = os.environ.get("PI_SDIST")
+    if override:
+        p = Path(override).resolve()
+        if not p.is_file():
+            raise BuildError(f"PI_SDIST={override}: no such file")
+        return p
+    dest = cache_root() / "sdist" / SDIST_FILE
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {SDIST_PACKAGE}=={SDIST_VERSION} sdist (~76 MB)")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              f"{SDIST_PACKAGE}=={SDIST_VERSION}", "-d", tmp], "sdist download",
+             cache_root() / "logs" / "download.log")
+        got = list(Path(tmp).glob("*.tar.gz"))
+        if len(got) != 1:
+            raise BuildError(f"sdist download: expected one .tar.gz, got {[g.name for g in got]}")
+        os.replace(got[0], dest)
+    return dest
+
+
+def _sdist_tag(sdist: Path) -> str:
+    if sdist.name == SDIST_FILE:
+        return SDIST_VERSION
+    return SDIST_VERSION + "-" + hashlib.sha256(sdist.name.encode()).hexdigest()[:8]
+
+
+def stock_source() -> Path:
+    """Unpacked sdist root (llama.cpp under vendor/llama.cpp), never modified."""
+    sdist = sdist_path()
+    dest = cache_root() / "src" / f"stock-{_sdist_tag(sdist)}"
+    if (dest / STAMP).is_file():
+        return dest
+    log(f"unpacking {sdist.name}")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        with tarfile.open(sdist) as tf:
+            tf.extractall(tmp, filter="data")
+        roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
+        if len(roots) != 1 or not (roots[0] / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+            raise BuildError(f"{sdist}: not a llama-cpp-python sdist (no vendor/llama.cpp)")
+        (roots[0] / STAMP).write_text(sdist.name + "\n")
+        os.replace(roots[0], dest)
+    return dest
+
+
+def stock_llama_source() -> Path:
+    return stock_source() / "vendor" / "llama.cpp"
+
+
+def _git(args: list[str], cwd: Path, step: str, logfile: Path) -> None:
+    env = dict(os.environ, GIT_AUTHOR_NAME="pi-setup", GIT_AUTHOR_EMAIL="pi-setup@localhost",
+               GIT_COMMITTER_NAME="pi-setup", GIT_COMMITTER_EMAIL="pi-setup@localhost")
+    _run(["git", *args], step, logfile, cwd=cwd, env=env)
+
+
+def patched_source() -> Path:
+    """llama.cpp with patches/ applied in order, as a git repo (one commit per patch) so that a
+    developer edits it and `git diff`s the next patch. vendor/llama.cpp in the repo links here.
+
+    The tree stays at one path whatever the patches are, and a change of patches/ re-applies them
+    over the stock commit: only the files they touch change, so the patched build is incremental."""
+    stock = stock_llama_source()
+    dest = cache_root() / "src" / f"patched-{_sdist_tag(sdist_path())}"
+    want = patches_hash()
+    stamp = dest / STAMP
+    if not (stamp.is_file() and stamp.read_text().strip() == want):
+        logfile = cache_root() / "logs" / "patches.log"
+        logfile.unlink(missing_ok=True)
+        log(f"applying {len(patch_files())} patch(es) to llama.cpp {LLAMA_CPP_COMMIT}")
+        if not (dest / ".git").is_dir():
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _init_tree(stock, tmp, logfile)
+            os.replace(tmp, dest)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=dest, capture_output=True, text=True)
+        if dirty.stdout.strip():
+            raise BuildError(f"{dest} (vendor/llama.cpp) has uncommitted edits: make them a patch in "
+                             "patches/ or discard them (git -C vendor/llama.cpp stash) and run set-up again")
+        stamp.unlink(missing_ok=True)
+        _git(["reset", "-q", "--hard", "stock"], dest, "reset to stock", logfile)
+        for p in patch_files():
+            try:
+                _git(["apply", "--index", "--whitespace=nowarn", str(p)], dest, f"patch {p.name}", logfile)
+            except BuildError as e:
+                _git(["reset", "-q", "--hard", "stock"], dest, "reset to stock", logfile)
+                raise BuildError(f"patches/{p.name} no longer applies to llama.cpp {LLAMA_CPP_COMMIT}; "
+                                 f"log: {logfile}") from e
+            _git(["commit", "-q", "-m", p.name], dest, f"commit {p.name}", logfile)
+        stamp.write_text(want + "\n")
+    link = REPO_ROOT / "vendor" / "llama.cpp"
+    link.parent.mkdir(exist_ok=True)
+    if link.is_symlink() or not link.exists():
+        if not (link.is_symlink() and Path(os.readlink(link)) == dest):
+            link.unlink(missing_ok=True)
+            link.symlink_to(dest)
+    return dest
+
+
+def _init_tree(stock: Path, tmp: Path, logfile: Path) -> None:
+    """Copy the stock tree to ``tmp`` as a git repo whose first commit is tagged ``stock``."""
+    # Top-level models/ (vocab files, read from the stock tree) and docs/ are not needed here.
+    def skip(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == ".git" or (Path(folder) == stock and n in ("models", "docs"))]
+    shutil.copytree(stock, tmp, symlinks=True, ignore=skip)
+    _git(["init", "-q"], tmp, "git init of the patched tree", logfile)
+    with open(tmp / ".git" / "info" / "exclude", "a") as f:
+        f.write(f"/{STAMP}\n")
+    _git(["add", "-A"], tmp, "git add", logfile)
+    _git(["commit", "-q", "-m", f"llama.cpp {LLAMA_CPP_COMMIT} (llama-cpp-python {SDIST_VERSION})"],
+         tmp, "git commit", logfile)
+    _git(["tag", "stock"], tmp, "git tag", logfile)
+
+
+# ---------------------------------------------------------------------------------------------
+# builds
+
+
+def build_dir(side: str, cfg: BuildConfig | None = None) -> Path:
+    """Where a side's build lives; the name carries the whole cache key."""
+    cfg = cfg or detect_config()
+    if side not in ("patched", "stock"):
+        raise ValueError(f"unknown build side {side!r}")
+    tag = _sdist_tag(sdist_path()) + "-" + cfg.key() + ("" if cfg.native else "-generic")
+    return cache_root() / "build" / f"{side}-{tag}"
+
+
+def _build_key(side: str) -> str:
+    """What a finished build's stamp must say: the patched side is keyed by patches/ too."""
+    return patches_hash() if side == "patched" else SDIST_VERSION
+
+
+def _is_built(side: str, out: Path) -> bool:
+    stamp = out / STAMP
+    if not stamp.is_file():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("key") == _build_key(side)
+    except ValueError:
+        return False
+
+
+def build(side: str, cfg: BuildConfig | None = None, jobs: int | None = None) -> Path:
+    """Configure and build one side; returns its bin/ folder. A finished build is never redone."""
+    cfg = cfg or detect_config()
+    out = build_dir(side, cfg)
+    if _is_built(side, out):
+        log(f"{side}: cached ({out})")
+        return out / "bin"
+    src = patched_source() if side == "patched" else stock_llama_source()
+    shared = side == "patched"
+    targets = PATCHED_TARGETS if shared else STOCK_TARGETS
+    logfile = out / "build.log"
+    out.mkdir(parents=True, exist_ok=True)
+    logfile.unlink(missing_ok=True)
+    (out / STAMP).unlink(missing_ok=True)
+    jobs = jobs or os.cpu_count() or 2
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    t0 = time.time()
+    log(f"{side}: configuring ({'CUDA sm_' + cfg.cuda_arch if cfg.cuda else 'CPU'}); log: {logfile}")
+    flags = cfg.cmake_flags(shared)
+    if side == "patched":
+        flags.append(f"-DLLAMA_PI_PATCHES={patches_hash()}")  # llama_pi_patch_series() returns it
+    _run(["cmake", "-S", str(src), "-B", str(out), *gen, *flags],
+         f"{side} cmake configure", logfile)
+    log(f"{side}: building {', '.join(targets)} with -j{jobs} (CPU ~2-4 min on 2 cores; CUDA ~5 min on 16)")
+    _run(["cmake", "--build", str(out), "-j", str(jobs), "--target", *targets],
+         f"{side} build", logfile)
+    (out / STAMP).write_text(json.dumps({"key": _build_key(side), "seconds": round(time.time() - t0, 1),
+                                         "flags": flags, "targets": targets}))
+    log(f"{side}: built in {time.time() - t0:.0f} s")
+    return out / "bin"
+
+
+def bin_path(side: str, name: str) -> Path:
+    """A built tool (``llama-bench``...) of one side; a clear error when set-up has not run."""
+    out = build_dir(side)
+    exe = out / "bin" / name
+    if not _is_built(side, out) or not exe.is_file():
+        raise FileNotFoundError(f"{side} {name} is not built ({exe}); run `make setup` "
+                                "(python -m powerinfer_gguf.build) first")
+    return exe
+
+
+def vocab_path(name: str = "llama-spm") -> Path:
+    """A real tokenizer vocabulary shipped in the sdist (models/ggml-vocab-<name>.gguf)."""
+    p = stock_llama_source() / "models" / f"ggml-vocab-{name}.gguf"
+    if not p.is_file():
+        have = sorted(x.name[len("ggml-vocab-"):-5] for x in p.parent.glob("ggml-vocab-*.gguf"))
+        raise FileNotFoundError(f"no vocabulary {name!r} in the sdist; have: {', '.join(have)}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Python side
+
+
+def _py(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def _dist_version(name: str) -> str:
+    return _py(f"import importlib.metadata as m; print(m.version({name!r}))")
+
+
+def install_python(patched_bin: Path) -> None:
+    """gguf-py and llama-cpp-python's Python part from the sdist, then our libs into llama_cpp/lib."""
+    src = stock_source()
+    logfile = cache_root() / "logs" / "pip.log"
+    offline = os.environ.get("PI_OFFLINE") == "1"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps" if offline else "--upgrade-strategy=only-if-needed"]
+    if offline:
+        pip.append("--no-build-isolation")
+    want_gguf = _py(f"import tomllib; print(tomllib.load(open({str(src / 'vendor/llama.cpp/gguf-py/pyproject.toml')!r},'rb'))['project']['version'])")
+    if _dist_version("gguf") != want_gguf:
+        log(f"installing gguf {want_gguf} from the vendored gguf-py")
+        _run([*pip, str(src / "vendor" / "llama.cpp" / "gguf-py")], "pip install gguf-py", logfile)
+    if _dist_version("llama_cpp_python") != SDIST_VERSION:
+        log(f"installing llama-cpp-python {SDIST_VERSION} (Python part only, -DLLAMA_BUILD=OFF)")
+        env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
+        _run([*pip, str(src)], "pip install llama-cpp-python", logfile, env=env)
+    pkg = _py("import importlib.util as u; print(list(u.find_spec('llama_cpp').submodule_search_locations)[0])")
+    if not pkg:
+        raise BuildError(f"llama_cpp is not importable after install; log: {logfile}")
+    libdir = Path(pkg) / "lib"
+    libdir.mkdir(exist_ok=True)
+    stamp = libdir / STAMP
+    key = f"{patched_bin} {patches_hash()}"
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        log("llama_cpp/lib: up to date")
+        return
+    for old in libdir.glob("lib*.so*"):
+        old.unlink()
+    n = 0
+    for lib in patched_bin.glob("lib*.so*"):
+        # Keep the soname links as links: libllama.so -> libllama.so.0 -> the real file.
+        dst = libdir / lib.name
+        if lib.is_symlink():
+            dst.symlink_to(os.readlink(lib))
+        else:
+            shutil.copy2(lib, dst)
+        n += 1
+    if not (libdir / "libllama.so").exists():
+        raise BuildError(f"no libllama.so in {patched_bin}")
+    stamp.write_text(key + "\n")
+    log(f"llama_cpp/lib: {n} patched libraries from {patched_bin}")
+
+
+def setup(jobs: int | None = None, python: bool = True) -> dict:
+    """The whole set-up; idempotent. Returns where things are."""
+    t0 = time.time()
+    cfg = detect_config()
+    log(f"llama-cpp-python {SDIST_VERSION} (llama.cpp {LLAMA_CPP_COMMIT}), {len(patch_files())} patches "
+        f"[{patches_hash()}], {'CUDA sm_' + cfg.cuda_arch if cfg.cuda else 'CPU'}; cache {cache_root()}")
+    patched = build("patched", cfg, jobs)
+    stock = build("stock", cfg, jobs)
+    if python:
+        install_python(patched)
+    log(f"set-up done in {time.time() - t0:.0f} s")
+    return {"patched_bin": str(patched), "stock_bin": str(stock), "patched_src": str(patched_source())}
+
+
+def pack(dest: Path) -> Path:
+    """A trimmed source pack (tar.xz) that a registry-less GPU machine builds from: the sdist's
+    Python part plus the llama.cpp folders a build needs. Use it there with PI_SDIST=<pack>."""
+    src = stock_source()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:xz", preset=6) as tf:
+        for item in sorted(src.iterdir()):
+            if item.name in ("vendor", STAMP, "docs", "examples", "tests", "docker"):
+                continue
+            tf.add(item, arcname=f"{SDIST_DIR}/{item.name}")
+        for name in PACK_LLAMA_DIRS:
+            p = src / "vendor" / "llama.cpp" / name
+            if p.exists():
+                tf.add(p, arcname=f"{SDIST_DIR}/vendor/llama.cpp/{name}")
+    os.replace(tmp, dest)
+    log(f"packed {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m powerinfer_gguf.build", description=__doc__.split("\n")[0])
+    ap.add_argument("what", nargs="?", default="setup", choices=["setup", "pack", "paths"])
+    ap.add_argument("-j", "--jobs", type=int, default=None)
+    ap.add_argument("--no-python", action="store_true", help="build only; do not touch the environment")
+    ap.add_argument("-o", "--output", default="build/llama-src.tar.xz", help="pack: output file")
+    a = ap.parse_args(argv)
+    try:
+        if a.what == "pack":
+            pack(Path(a.output))
+        elif a.what == "paths":
+            print(json.dumps({"patched": str(build_dir("patched")), "stock": str(build_dir("stock")),
+                              "patched_src": str(patched_source())}, indent=1))
+        else:
+            setup(a.jobs, python=not a.no_python)
+    except BuildError as e:
+        print(f"pi-setup: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

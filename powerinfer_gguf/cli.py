@@ -1,0 +1,106 @@
+"""Console commands. Thin: parse, call one module, print. Errors are one line, exit status 1."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+
+def one_line_errors(fn):
+    """Known failures (bad input, missing build, failed tool) become one clear line, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from .build import BuildError
+
+        try:
+            return fn(*a, **kw)
+        except (ValueError, FileNotFoundError, RuntimeError, BuildError, OSError, KeyError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise click.ClickException(msg) from None
+
+    return wrapper
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-j", "--jobs", type=int, default=None, help="build jobs (default: all cores)")
+@click.option("--no-python", is_flag=True, help="build only; leave the Python environment alone")
+def setup_cmd(jobs, no_python):
+    """Fetch the pinned llama-cpp-python sdist, apply patches/, build patched + stock (cached)."""
+    from .build import main
+
+    sys.exit(main(["setup"] + (["-j", str(jobs)] if jobs else []) + (["--no-python"] if no_python else [])))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--preset", default="tiny", show_default=True,
+              help="model shape: tiny, small, 1b, 3b, 7b, 13b, 40b, 70b")
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q4_0", "q8_0"]))
+@click.option("--act", default="relu", show_default=True, type=click.Choice(["relu", "drelu"]))
+@click.option("--firing", default=0.10, show_default=True, help="mean firing rate of FFN neurons")
+@click.option("--hot-share", default=0.25, show_default=True, help="share of neurons (hottest first) ...")
+@click.option("--hot-mass", default=0.80, show_default=True, help="... that give this share of activations")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--layers", type=int, default=None, help="override the preset's layer count")
+@click.option("--hf", "hf_dir", type=click.Path(file_okay=False), default=None,
+              help="also write the same weights as an HF checkpoint folder (small shapes)")
+@click.option("--calib-tokens", type=int, default=None, help="tokens that set the firing biases")
+@click.option("--heldout-tokens", type=int, default=None, help="tokens that measure the result")
+@one_line_errors
+def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, layers, hf_dir,
+              calib_tokens, heldout_tokens):
+    """Write a synthetic power-law ReLU LLaMA model (GGUF) that really fires as asked."""
+    from dataclasses import replace
+
+    from .synth import FiringTarget, hparams_for, synthesize
+
+    hp = hparams_for(preset, act)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError("--layers must be at least 1")
+        hp = replace(hp, n_layer=layers)
+    res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
+                     target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
+                     hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens)
+    click.echo(res.profile.table())
+    click.echo(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB, {outtype}) in {res.seconds:.1f} s"
+               + (f"; HF checkpoint in {hf_dir}" if hf_dir else ""))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--vram-budget", default="0", show_default=True,
+              help="GPU memory to use: 0, 8GiB, 10GB, 40% (of the weights) or auto")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+@click.option("-p", "n_prompt", type=int, default=64, show_default=True, help="prompt tokens")
+@click.option("-n", "n_gen", type=int, default=128, show_default=True, help="generated tokens")
+@click.option("-r", "--repetitions", type=int, default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="write a bar chart (PNG)")
+@one_line_errors
+def bench_cmd(model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path):
+    """Prompt and decode tokens/s of stock llama.cpp at a VRAM budget (ours: with the sparse engine)."""
+    from . import bench
+
+    res = bench.run_bench(model, vram_budget, threads, n_prompt, n_gen, repetitions,
+                          progress=lambda m: click.echo(m, err=True))
+    click.echo(bench.render_table(res))
+    if json_path:
+        bench.write_json(res, json_path)
+    if plot_path:
+        bench.render_plot(res, plot_path)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@one_line_errors
+def info_cmd(model, as_json):
+    """Show a GGUF's shape, activation, sizes and powerinfer metadata."""
+    from .info import model_info, render
+
+    info = model_info(model)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))

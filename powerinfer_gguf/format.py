@@ -1,0 +1,40 @@
+"""The one place that names our GGUF keys and tensors (docs/FORMAT.md describes each).
+
+Everything we add to a GGUF lives under the ``powerinfer.`` namespace, so a file without it is a
+plain llama.cpp file and runs exactly as stock. The C++ patches declare the same strings.
+"""
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+NAMESPACE = "powerinfer"
+
+
+class Keys:
+    """GGUF metadata keys (``powerinfer.*``)."""
+
+    FORMAT_VERSION = f"{NAMESPACE}.format_version"  # uint32, FORMAT_VERSION
+
+    class Synth:
+        """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""
+
+        PRESET = f"{NAMESPACE}.synth.preset"                      # str, e.g. "7b"
+        SEED = f"{NAMESPACE}.synth.seed"                          # uint32
+        FIRING_MEAN_TARGET = f"{NAMESPACE}.synth.firing_mean_target"  # float32, asked mean firing rate
+        HOT_SHARE_TARGET = f"{NAMESPACE}.synth.hot_share_target"  # float32, share of neurons ...
+        HOT_MASS_TARGET = f"{NAMESPACE}.synth.hot_mass_target"    # float32, ... that give this mass
+        FIRING_MEAN = f"{NAMESPACE}.synth.firing_mean"            # float32, measured (held-out tokens)
+        HOT_MASS = f"{NAMESPACE}.synth.hot_mass"                  # float32, measured mass of hot share
+        GATE_RANK = f"{NAMESPACE}.synth.gate_rank"                # uint32, rank of the gate signal
+        BIAS_CHANNEL = f"{NAMESPACE}.synth.bias_channel"          # uint32, the constant channel
+
+
+# llama.cpp's own key for the FFN activation (src/llama-arch.cpp LLM_KV_HIDDEN_ACT).
+HIDDEN_ACT_KEY = "{arch}.hidden_activation"
+
+# Activations we know: the llama.cpp spelling of each, and whether the FFN is ReLU-sparse.
+ACTIVATIONS = {
+    "relu": "relu",    # ReGLU: relu(gate) * up (ReluLLaMA, ProSparse)
+    "drelu": "drelu",  # dReLU: relu(gate) * relu(up) (TurboSparse)
+    "silu": "silu",    # SwiGLU: dense
+}

@@ -1,0 +1,128 @@
+"""A plain numpy forward pass of a LLaMA-family model, in llama.cpp's (GGUF) conventions.
+
+Weights are numpy arrays shaped [n_out, n_in] (a ggml tensor with ne = [n_in, n_out]); Q and K rows
+are in llama.cpp's order, so RoPE rotates adjacent pairs (rope type NORM). The synthetic generator
+builds its models with it, profiling reads it, and tests compare llama.cpp's logits against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Hparams:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    act: str = "relu"  # relu (ReGLU), drelu, silu (SwiGLU)
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    n_ctx_train: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
+    """x [T, n_head, head_dim]; rotates pairs (2i, 2i+1) by pos * theta^(-2i/head_dim)."""
+    hd = x.shape[-1]
+    inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = pos[:, None].astype(np.float64) * inv[None, :]  # [T, hd/2]
+    cos = np.cos(ang)[:, None, :].astype(x.dtype)
+    sin = np.sin(ang)[:, None, :].astype(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def attention(xn: np.ndarray, wq, wk, wv, wo, hp: Hparams, pos: np.ndarray) -> np.ndarray:
+    """Causal self-attention over one sequence; xn [T, n_embd] (already normed)."""
+    T = xn.shape[0]
+    hd = hp.head_dim
+    q = rope((xn @ wq.T).reshape(T, hp.n_head, hd), pos, hp.rope_theta)
+    k = rope((xn @ wk.T).reshape(T, hp.n_head_kv, hd), pos, hp.rope_theta)
+    v = (xn @ wv.T).reshape(T, hp.n_head_kv, hd)
+    rep = hp.n_head // hp.n_head_kv
+    k = np.repeat(k, rep, axis=1)
+    v = np.repeat(v, rep, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
+    mask = np.triu(np.ones((T, T), dtype=bool), 1)
+    scores = np.where(mask[None], -np.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.einsum("hts,shd->thd", p, v).reshape(T, hp.n_embd)
+    return out @ wo.T
+
+
+def ffn_hidden(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
+    """The FFN's per-neuron hidden values h [T, n_ff]; a neuron 'fires' where h != 0 (ReLU kinds)."""
+    g = xn @ w_gate.T
+    u = xn @ w_up.T
+    if act == "relu":
+        return np.maximum(g, 0) * u
+    if act == "drelu":
+        return np.maximum(g, 0) * np.maximum(u, 0)
+    if act == "silu":
+        return g / (1 + np.exp(-g)) * u
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def firing(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
+    """Boolean [T, n_ff]: which neurons are active (contribute non-zero) for each token."""
+    g = xn @ w_gate.T
+    if act == "relu":
+        return g > 0
+    if act == "drelu":
+        return (g > 0) & (xn @ w_up.T > 0)
+    raise ValueError(f"activation {act!r} has no exact zeros")
+
+
+@dataclass
+class ForwardTrace:
+    """What a forward pass saw per layer: FFN inputs (after norm) and active masks."""
+
+    ffn_inputs: list[np.ndarray] = field(default_factory=list)
+    active: list[np.ndarray] = field(default_factory=list)
+
+
+def forward(weights: Mapping[str, np.ndarray] | Callable[[str], np.ndarray], hp: Hparams,
+            tokens: np.ndarray, trace: ForwardTrace | None = None) -> np.ndarray:
+    """Logits [T, n_vocab] for one sequence of token ids. ``weights`` maps GGUF tensor names
+    (``blk.N.attn_q.weight``...) to float arrays, or is a function that loads one by name."""
+    get = weights if callable(weights) else weights.__getitem__
+
+    def W(name: str) -> np.ndarray:
+        return np.asarray(get(name), dtype=np.float32)
+
+    tokens = np.asarray(tokens)
+    pos = np.arange(len(tokens))
+    x = W("token_embd.weight")[tokens]
+    for il in range(hp.n_layer):
+        b = f"blk.{il}."
+        xn = rms_norm(x, W(b + "attn_norm.weight"), hp.rms_eps)
+        x = x + attention(xn, W(b + "attn_q.weight"), W(b + "attn_k.weight"), W(b + "attn_v.weight"),
+                          W(b + "attn_output.weight"), hp, pos)
+        xn = rms_norm(x, W(b + "ffn_norm.weight"), hp.rms_eps)
+        wg, wu = W(b + "ffn_gate.weight"), W(b + "ffn_up.weight")
+        h = ffn_hidden(xn, wg, wu, hp.act)
+        if trace is not None:
+            trace.ffn_inputs.append(xn)
+            if hp.act != "silu":
+                trace.active.append(h != 0)
+        x = x + h @ W(b + "ffn_down.weight").T
+    x = rms_norm(x, W("output_norm.weight"), hp.rms_eps)
+    return x @ W("output.weight").T

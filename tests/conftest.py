@@ -1,0 +1,14 @@
+"""Shared fixtures: small models made on the fly (once per session)."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny synthetic ReLU LLaMA (GQA, 4 layers) as F32 GGUF plus its HF checkpoint."""
+    from powerinfer_gguf.synth import synthesize
+
+    d = tmp_path_factory.mktemp("tiny")
+    res = synthesize(d / "tiny.gguf", "tiny", outtype="f32", hf_dir=d / "hf", progress=False)
+    return res, d / "hf"

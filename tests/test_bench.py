@@ -1,0 +1,78 @@
+"""pi-bench stock side: budget parsing, the -ngl plan, and a real run on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from powerinfer_gguf.bench import GiB, ModelSizes, parse_size, stock_offload
+
+
+def test_parse_size():
+    assert parse_size("0") == 0
+    assert parse_size("8GiB") == 8 * GiB
+    assert parse_size("10GB") == 10 * 10**9
+    assert parse_size("512 MiB") == 512 << 20
+    assert parse_size("40%", 1000) == 400
+    for bad in ("ten", "5XB", "-3GiB", "150%"):
+        with pytest.raises(ValueError):
+            parse_size(bad, 1000)
+
+
+def _sizes(n_layer=4, layer=100, out=50):
+    return ModelSizes("m", n_layer, 64, 4, 4, 128, 1000, [layer] * n_layer, out, 70, [60] * n_layer)
+
+
+def test_stock_offload_fills_the_budget_from_the_last_layer():
+    s = _sizes()
+    n_ctx = 16
+    kv = s.kv_bytes_per_layer(n_ctx)
+    assert stock_offload(s, 0, n_ctx).ngl == 0
+    plan = stock_offload(s, 10**9, n_ctx)
+    assert plan.ngl == s.n_layer + 1  # everything, output layer too
+    assert plan.weight_bytes == 4 * 100 + 50 and plan.kv_bytes == 4 * kv
+    two = stock_offload(s, stock_offload(s, 10**9, n_ctx).compute_bytes + 2 * (100 + kv) + 1, n_ctx)
+    assert two.ngl == 2 and two.gpu_bytes <= two.compute_bytes + 2 * (100 + kv) + 1
+
+
+def test_model_sizes_from_file(tiny_model):
+    res, _ = tiny_model
+    s = ModelSizes.from_gguf(res.path)
+    assert s.n_layer == 4 and s.n_ff == 704 and s.n_head_kv == 2
+    assert s.weight_bytes <= res.bytes
+    assert all(f < l for f, l in zip(s.ffn_bytes, s.layer_bytes))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", "import sys; from powerinfer_gguf.cli import bench_cmd; "
+                           "sys.argv[0] = 'pi-bench'; bench_cmd()", *args], capture_output=True, text=True)
+
+
+def test_pi_bench_runs_stock_at_budget_zero(tiny_model, tmp_path):
+    res, _ = tiny_model
+    j, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = _cli(str(res.path), "--vram-budget", "0", "-p", "16", "-n", "8", "-r", "2", "-t", "2",
+             "--json", str(j), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "| stock | -ngl 0/5" in r.stdout
+    d = json.loads(j.read_text())
+    assert d["budget_bytes"] == 0 and d["stock"]["tg_tps"] > 0 and d["stock"]["pp_tps"] > 0
+    assert len(d["stock"]["tg_samples"]) == 2
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["/nonexistent.gguf"], "no such model file"),
+    (["{model}", "--vram-budget", "lots"], "bad size"),
+    (["{junk}"], "not a readable GGUF"),
+])
+def test_pi_bench_bad_input_is_one_line(tiny_model, tmp_path, args, msg):
+    res, _ = tiny_model
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\xff" * 64)
+    r = _cli(*[a.format(model=res.path, junk=junk) for a in args])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0], r.stderr
