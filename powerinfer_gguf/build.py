@@ -45,7 +45,12 @@ STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-q
 PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "test-backend-ops"]
 # What a GPU machine needs to build (no models/, docs/, tests data): ~6.4 MB packed with xz.
 PACK_LLAMA_DIRS = ["ggml", "src", "include", "common", "tools", "cmake", "vendor", "app", "licenses",
-                   "gguf-py", "CMakeLists.txt", "LICENSE", "build-info.cmake" ]
+                   "gguf-py", "tests", "CMakeLists.txt", "LICENSE", "build-info.cmake",
+                   "models/ggml-vocab-llama-spm.gguf", "models/ggml-vocab-llama-bpe.gguf"]
+# ... less what no Linux CUDA/CPU build reads (the web UI, other backends' sources).
+PACK_SKIP = ["tools/ui", "ggml/src/ggml-" + "cann", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
+             "ggml/src/ggml-et", "ggml/src/ggml-metal", "ggml/src/ggml-hexagon", "ggml/src/ggml-sycl",
+             "ggml/src/ggml-vulkan", "ggml/src/ggml-opencl", "ggml/src/ggml-musa", "ggml/src/ggml-zdnn"]
 STAMP = ".pi-ok"
 
 
@@ -79,6 +84,7 @@ class BuildConfig:
 
     cuda_arch: str | None  # e.g. "90"; None: CPU only
     native: bool = True
+    cuda_fa: bool = True   # FlashAttention kernels: ~40% of a CUDA build's compile time
 
     @property
     def cuda(self) -> bool:
@@ -97,11 +103,14 @@ class BuildConfig:
             "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
         ]
         if self.cuda:
-            flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}"]
+            flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}",
+                      "-DGGML_CUDA_NCCL=OFF", f"-DGGML_CUDA_FA={'ON' if self.cuda_fa else 'OFF'}"]
         return flags
 
     def key(self) -> str:
-        return "cuda" + self.cuda_arch if self.cuda else "cpu"
+        if not self.cuda:
+            return "cpu"
+        return "cuda" + self.cuda_arch + ("" if self.cuda_fa else "-nofa")
 
 
 def _gpu_arch() -> str | None:
@@ -120,17 +129,19 @@ def _gpu_arch() -> str | None:
 
 
 def detect_config() -> BuildConfig:
-    """CUDA when a GPU answers (or PI_CUDA=1 / PI_CUDA=<arch>); PI_CUDA=0 forces CPU."""
+    """CUDA when a GPU answers (or PI_CUDA=1 / PI_CUDA=<arch>); PI_CUDA=0 forces CPU.
+    PI_CUDA_FA=0 leaves FlashAttention kernels out (a faster build; both sides alike)."""
     want = os.environ.get("PI_CUDA", "").strip()
     native = os.environ.get("PI_NATIVE", "1") != "0"
+    fa = os.environ.get("PI_CUDA_FA", "1") != "0"
     if want == "0":
-        return BuildConfig(None, native)
+        return BuildConfig(None, native, fa)
     if want and want != "1":
-        return BuildConfig(want, native)
+        return BuildConfig(want, native, fa)
     arch = _gpu_arch()
     if want == "1" and arch is None:
         arch = "90"  # asked for CUDA on a machine without a GPU: build for Hopper
-    return BuildConfig(arch, native)
+    return BuildConfig(arch, native, fa)
 
 
 def _run(cmd: list[str], step: str, logfile: Path, cwd: Path | None = None,
@@ -402,14 +413,25 @@ def install_python(patched_bin: Path) -> None:
     log(f"llama_cpp/lib: {n} patched libraries from {patched_bin}")
 
 
-def setup(jobs: int | None = None, python: bool = True) -> dict:
+def setup(jobs: int | None = None, python: bool = True, at_once: bool = False) -> dict:
     """The whole set-up; idempotent. Returns where things are."""
     t0 = time.time()
     cfg = detect_config()
     log(f"llama-cpp-python {SDIST_VERSION} (llama.cpp {LLAMA_CPP_COMMIT}), {len(patch_files())} patches "
         f"[{patches_hash()}], {'CUDA sm_' + cfg.cuda_arch if cfg.cuda else 'CPU'}; cache {cache_root()}")
-    patched = build("patched", cfg, jobs)
-    stock = build("stock", cfg, jobs)
+    if at_once:
+        # Both sides side by side, half the cores each: on a 16-core GPU machine two CUDA builds
+        # then fit one 10-minute call.
+        from concurrent.futures import ThreadPoolExecutor
+
+        patched_source()
+        half = max(1, (jobs or os.cpu_count() or 2) // 2)
+        with ThreadPoolExecutor(2) as ex:
+            fp, fs = ex.submit(build, "patched", cfg, half), ex.submit(build, "stock", cfg, half)
+            patched, stock = fp.result(), fs.result()
+    else:
+        patched = build("patched", cfg, jobs)
+        stock = build("stock", cfg, jobs)
     if python:
         install_python(patched)
     log(f"set-up done in {time.time() - t0:.0f} s")
@@ -425,13 +447,17 @@ def pack(dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:xz", preset=6) as tf:
         for item in sorted(src.iterdir()):
-            if item.name in ("vendor", STAMP, "docs", "examples", "tests", "docker"):
+            if item.name in ("vendor", STAMP, ".git", "docs", "examples", "tests", "docker"):
                 continue
             tf.add(item, arcname=f"{SDIST_DIR}/{item.name}")
+        def keep(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            rel = ti.name.split("/vendor/llama.cpp/", 1)[-1]
+            return None if any(rel == d or rel.startswith(d + "/") for d in PACK_SKIP) else ti
+
         for name in PACK_LLAMA_DIRS:
             p = src / "vendor" / "llama.cpp" / name
             if p.exists():
-                tf.add(p, arcname=f"{SDIST_DIR}/vendor/llama.cpp/{name}")
+                tf.add(p, arcname=f"{SDIST_DIR}/vendor/llama.cpp/{name}", filter=keep)
     os.replace(tmp, dest)
     log(f"packed {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return dest
@@ -442,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("what", nargs="?", default="setup", choices=["setup", "pack", "paths"])
     ap.add_argument("-j", "--jobs", type=int, default=None)
     ap.add_argument("--no-python", action="store_true", help="build only; do not touch the environment")
+    ap.add_argument("--sides-at-once", action="store_true", help="build patched and stock concurrently")
     ap.add_argument("-o", "--output", default="build/llama-src.tar.xz", help="pack: output file")
     a = ap.parse_args(argv)
     try:
@@ -451,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"patched": str(build_dir("patched")), "stock": str(build_dir("stock")),
                               "patched_src": str(patched_source())}, indent=1))
         else:
-            setup(a.jobs, python=not a.no_python)
+            setup(a.jobs, python=not a.no_python, at_once=a.sides_at_once)
     except BuildError as e:
         print(f"pi-setup: error: {e}", file=sys.stderr)
         return 1

@@ -80,4 +80,6 @@ def test_pack_for_gpu_machine_is_small(tmp_path):
     names = tarfile.open(pack).getnames()
     assert any(n.endswith("vendor/llama.cpp/CMakeLists.txt") for n in names)
     assert any(n.endswith("llama_cpp/llama.py") for n in names)
-    assert not any("/vendor/llama.cpp/models/" in n for n in names)
+    models = {n.rsplit("/", 1)[-1] for n in names if "/vendor/llama.cpp/models/" in n}
+    assert models == {"ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"}  # vocabularies only
+    assert not any("/tools/ui/" in n or "/.git/" in n for n in names)

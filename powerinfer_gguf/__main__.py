@@ -1,0 +1,21 @@
+"""`python -m powerinfer_gguf <command> ...`: the console scripts without installing the package
+(e.g. on the GPU machine, where the checkout is on PYTHONPATH)."""
+import sys
+
+import click
+
+from .cli import bench_cmd, info_cmd, setup_cmd, synth_cmd
+
+
+@click.group()
+def main():
+    """powerinfer_gguf commands."""
+
+
+main.add_command(setup_cmd, "setup")
+main.add_command(synth_cmd, "synth")
+main.add_command(bench_cmd, "bench")
+main.add_command(info_cmd, "info")
+
+if __name__ == "__main__":
+    sys.exit(main())
