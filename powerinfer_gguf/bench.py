@@ -82,7 +82,7 @@ class ModelSizes:
             if m and int(m.group(1)) < n_layer:
                 i = int(m.group(1))
                 layer[i] += int(t.n_bytes)
-                if re.match(r"blk\.\d+\.ffn_(gate|up|down)\.", t.name):
+                if re.match(r"blk\.\d+\.ffn_(gate|up|down|down_t)\.", t.name):
                     ffn[i] += int(t.n_bytes)
             elif t.name.startswith("token_embd"):
                 inp += int(t.n_bytes)

@@ -85,6 +85,7 @@ class BuildConfig:
     cuda_arch: str | None  # e.g. "90"; None: CPU only
     native: bool = True
     cuda_fa: bool = True   # FlashAttention kernels: ~40% of a CUDA build's compile time
+    cpu_isa: tuple[str, ...] | None = None  # explicit GGML_<ISA> options instead of -march=native
 
     @property
     def cuda(self) -> bool:
@@ -98,19 +99,47 @@ class BuildConfig:
             # test-backend-ops checks our ops on every backend: the patched side builds it.
             f"-DLLAMA_BUILD_TESTS={'ON' if shared else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-            f"-DGGML_NATIVE={'ON' if self.native else 'OFF'}",
+            f"-DGGML_NATIVE={'ON' if self.native and self.cpu_isa is None else 'OFF'}",
             # Binaries find the shared libs beside them wherever the folder is copied.
             "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
         ]
+        if self.cpu_isa is not None:
+            flags += [f"-DGGML_{isa}={'ON' if isa in self.cpu_isa else 'OFF'}" for isa in _ISA_FLAGS.values()]
         if self.cuda:
             flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}",
                       "-DGGML_CUDA_NCCL=OFF", f"-DGGML_CUDA_FA={'ON' if self.cuda_fa else 'OFF'}"]
         return flags
 
     def key(self) -> str:
+        cpu = "cpu" if self.cpu_isa is None else "cpu" + hashlib.sha256(",".join(self.cpu_isa).encode()).hexdigest()[:6]
         if not self.cuda:
-            return "cpu"
-        return "cuda" + self.cuda_arch + ("" if self.cuda_fa else "-nofa")
+            return cpu
+        return cpu + "-cuda" + self.cuda_arch + ("" if self.cuda_fa else "-nofa")
+
+
+# /proc/cpuinfo flag -> ggml CMake option. AMX is left out unless PI_AMX=1: its tiles need the
+# kernel's permission and virtual machines here report the flags but fault on use (seen: a SIGSEGV
+# in ggml_backend_amx_mul_mat on Q4_0, with -march=native on a Sapphire Rapids VM).
+_ISA_FLAGS = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "bmi2": "BMI2", "fma": "FMA", "f16c": "F16C",
+              "avx_vnni": "AVX_VNNI", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI",
+              "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
+              "amx_tile": "AMX_TILE", "amx_int8": "AMX_INT8", "amx_bf16": "AMX_BF16"}
+
+
+def _cpu_isa() -> tuple[str, ...] | None:
+    """This CPU's instruction sets as ggml options (x86 Linux); None: let -march=native decide."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    if "avx2" not in have:
+        return None
+    isa = [opt for flag, opt in _ISA_FLAGS.items() if flag in have]
+    if os.environ.get("PI_AMX") != "1":
+        isa = [i for i in isa if not i.startswith("AMX")]
+    return tuple(isa)
 
 
 def _gpu_arch() -> str | None:
@@ -134,14 +163,15 @@ def detect_config() -> BuildConfig:
     want = os.environ.get("PI_CUDA", "").strip()
     native = os.environ.get("PI_NATIVE", "1") != "0"
     fa = os.environ.get("PI_CUDA_FA", "1") != "0"
+    isa = _cpu_isa() if native else None
     if want == "0":
-        return BuildConfig(None, native, fa)
+        return BuildConfig(None, native, fa, isa)
     if want and want != "1":
-        return BuildConfig(want, native, fa)
+        return BuildConfig(want, native, fa, isa)
     arch = _gpu_arch()
     if want == "1" and arch is None:
         arch = "90"  # asked for CUDA on a machine without a GPU: build for Hopper
-    return BuildConfig(arch, native, fa)
+    return BuildConfig(arch, native, fa, isa)
 
 
 def _run(cmd: list[str], step: str, logfile: Path, cwd: Path | None = None,
@@ -313,6 +343,7 @@ def build(side: str, cfg: BuildConfig | None = None, jobs: int | None = None) ->
     if _is_built(side, out):
         log(f"{side}: cached ({out})")
         return out / "bin"
+    key = _build_key(side)  # taken before building: patches/ may change while it runs
     src = patched_source() if side == "patched" else stock_llama_source()
     shared = side == "patched"
     targets = PATCHED_TARGETS if shared else STOCK_TARGETS
@@ -332,7 +363,7 @@ def build(side: str, cfg: BuildConfig | None = None, jobs: int | None = None) ->
     log(f"{side}: building {', '.join(targets)} with -j{jobs} (CPU ~2-4 min on 2 cores; CUDA ~5 min on 16)")
     _run(["cmake", "--build", str(out), "-j", str(jobs), "--target", *targets],
          f"{side} build", logfile)
-    (out / STAMP).write_text(json.dumps({"key": _build_key(side), "seconds": round(time.time() - t0, 1),
+    (out / STAMP).write_text(json.dumps({"key": key, "seconds": round(time.time() - t0, 1),
                                          "flags": flags, "targets": targets}))
     log(f"{side}: built in {time.time() - t0:.0f} s")
     return out / "bin"

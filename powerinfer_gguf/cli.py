@@ -95,6 +95,32 @@ def bench_cmd(model, vram_budget, threads, n_prompt, n_gen, repetitions, json_pa
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("hf_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="output GGUF")
+@click.option("--calib", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="calibration text file (default: Python's own documentation prose)")
+@click.option("--calib-tokens", type=int, default=2048, show_default=True, help="tokens to profile")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True)
+@click.option("--predictor-rank", type=int, default=None, help="fix the predictor rank (default: chosen per layer)")
+@click.option("--predictor-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="import PowerInfer's predictors (model_N.pt) instead of fitting them")
+@click.option("--recall", type=float, default=0.99, show_default=True, help="predictor recall target")
+@click.option("--act", type=click.Choice(["relu", "drelu", "silu"]), default=None,
+              help="override config.json's hidden_act (e.g. drelu for TurboSparse checkpoints)")
+@click.option("--stock", type=click.Path(dir_okay=False), default=None,
+              help="also write a stock llama.cpp GGUF of the same (permuted) weights")
+@one_line_errors
+def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, predictor_dir, recall, act, stock):
+    """Convert an HF checkpoint into a GGUF with activation profile, predictors and metadata."""
+    from .convert import convert
+
+    rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
+                  predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
+                  act=act, log=lambda m: click.echo(m, err=True))
+    click.echo(rep.summary())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors

@@ -13,7 +13,15 @@ NAMESPACE = "powerinfer"
 class Keys:
     """GGUF metadata keys (``powerinfer.*``)."""
 
-    FORMAT_VERSION = f"{NAMESPACE}.format_version"  # uint32, FORMAT_VERSION
+    FORMAT_VERSION = f"{NAMESPACE}.format_version"  # uint32, FORMAT_VERSION: the file is ours
+    SPARSE = f"{NAMESPACE}.sparse"                  # bool: neurons ranked, predictors present
+    FFN_DOWN_LAYOUT = f"{NAMESPACE}.ffn_down_layout"  # str: "neuron_rows" (blk.N.ffn_down_t)
+    PREDICTOR_ACT = f"{NAMESPACE}.predictor.act"    # str: "none" (ours) or "relu" (PowerInfer's)
+    PREDICTOR_RECALL_TARGET = f"{NAMESPACE}.predictor.recall_target"  # float32
+    PREDICTOR_RECALL = f"{NAMESPACE}.predictor.recall"        # float32[n_layer], held-out
+    PREDICTOR_PRECISION = f"{NAMESPACE}.predictor.precision"  # float32[n_layer], held-out
+    CALIB_TOKENS = f"{NAMESPACE}.calib.tokens"      # uint32: tokens profiled
+    STOCK_TWIN = f"{NAMESPACE}.stock_twin"          # str, only in a --stock twin: what it is
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""
@@ -38,3 +46,13 @@ ACTIVATIONS = {
     "drelu": "drelu",  # dReLU: relu(gate) * relu(up) (TurboSparse)
     "silu": "silu",    # SwiGLU: dense
 }
+
+
+class Tensors:
+    """Per-layer tensors we add (``.format(layer)``); shapes as numpy [rows, cols]."""
+
+    FFN_DOWN_T = "blk.{}.ffn_down_t.weight"      # [n_ff, n_embd]: down projection, one row per neuron
+    PRED_FC1 = "blk.{}.pi_pred_fc1.weight"       # [rank, n_embd]
+    PRED_FC2 = "blk.{}.pi_pred_fc2.weight"       # [n_ff, rank]
+    PRED_THRESHOLD = "blk.{}.pi_pred_threshold"  # [n_ff] F32: active where fc2 act(fc1 x) > this
+    NEURON_FREQ = "blk.{}.pi_neuron_freq"        # [n_ff] F32: firing frequency, non-increasing

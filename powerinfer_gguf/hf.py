@@ -187,3 +187,262 @@ def write_sentencepiece_model(vocab_gguf: Path, dest: Path) -> None:
     m = SentencePieceModel(f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.scores"].contents(),
                            f["tokenizer.ggml.token_type"].contents())
     dest.write_bytes(m.encode())
+
+
+# --- reading a checkpoint ---------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as given; the message names the file and the problem."""
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped; tensors are read (and checked) on demand.
+
+    Parsed here rather than through the safetensors package so that BF16 reads without torch and
+    every inconsistency (truncated data, overlapping or out-of-file offsets, shapes that do not
+    match their byte ranges) is a CheckpointError naming the file, never a crash."""
+
+    def __init__(self, path: str | Path):
+        import json as _json
+
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors (no header)")
+                n = struct.unpack("<Q", head)[0]
+                if n > min(size - 8, 100 << 20):
+                    raise CheckpointError(f"{self.path}: corrupt safetensors header length {n}")
+                header = _json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header")
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.size = size
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (start, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt entry for tensor {name!r}") from None
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+            if end - start != nbytes or start < 0 or min(shape, default=1) < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r} shape {list(shape)} does not match "
+                                      f"its {end - start} bytes")
+            if self.base + end > size:
+                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte "
+                                      f"{self.base + end}, file has {size}")
+            self.entries[name] = (dtype, shape, start, end)
+        self._mm = None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as float32 (BF16 and F16 widened), read from the memory map."""
+        dtype, shape, start, end = self.entries[name]
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mm[self.base + start:self.base + end]
+        if dtype == "BF16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return raw.view(_ST_DTYPES[dtype]).reshape(shape).astype(np.float32)
+
+
+class Checkpoint:
+    """A Hugging Face model folder: config.json, weights (safetensors, single or sharded; .bin with
+    torch), tokenizer. Tensors load lazily by HF name, so a 7B model is read layer by layer."""
+
+    def __init__(self, folder: str | Path):
+        import json as _json
+
+        self.dir = Path(folder)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: no such checkpoint folder")
+        cfg = self.dir / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.dir}: no config.json")
+        try:
+            self.config = _json.loads(cfg.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+        self._where: dict[str, object] = {}
+        self._open_weights()
+
+    def _open_weights(self) -> None:
+        import json as _json
+
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                wmap = _json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: no weight_map ({e})") from None
+            files = {}
+            for name, fname in wmap.items():
+                if fname not in files:
+                    p = self.dir / fname
+                    if not p.is_file():
+                        raise CheckpointError(f"{index}: shard {fname} is missing")
+                    files[fname] = SafetensorsFile(p)
+                if name not in files[fname].entries:
+                    raise CheckpointError(f"{index}: tensor {name!r} is not in shard {fname}")
+                self._where[name] = files[fname]
+        elif single.is_file():
+            st = SafetensorsFile(single)
+            self._where = {n: st for n in st.entries}
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            bins = sorted(self.dir.glob("pytorch_model*.bin"))
+            if shards:
+                for p in shards:
+                    st = SafetensorsFile(p)
+                    self._where.update({n: st for n in st.entries})
+            elif bins:
+                self._open_torch_bins(bins)
+            else:
+                raise CheckpointError(f"{self.dir}: no weights (model.safetensors, an index, or pytorch_model*.bin)")
+
+    def _open_torch_bins(self, bins: list[Path]) -> None:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise CheckpointError(f"{self.dir}: weights are PyTorch .bin files, which need torch "
+                                  "(pip install torch) or a safetensors copy of the checkpoint") from None
+        import torch
+
+        for p in bins:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in sd.items():
+                self._where[name] = t
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._where[name]
+        return src.shape(name) if isinstance(src, SafetensorsFile) else tuple(src.shape)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+        src = self._where[name]
+        if isinstance(src, SafetensorsFile):
+            return src.get(name)
+        return src.float().numpy()
+
+
+# --- tokenizer -> GGUF vocabulary -------------------------------------------------------------
+
+@dataclass
+class Vocab:
+    """What llama.cpp needs of a tokenizer (tokenizer.ggml.* keys)."""
+
+    model: str                   # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    pre: str = "default"
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = True
+    add_eos: bool = False
+
+    def write(self, w) -> None:
+        """Add the tokenizer.ggml.* keys to a gguf.GGUFWriter."""
+        w.add_tokenizer_model(self.model)
+        w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        w.add_token_types(self.types)
+        if self.scores is not None:
+            w.add_token_scores(self.scores)
+        if self.merges:
+            w.add_token_merges(self.merges)
+        for fn, v in ((w.add_bos_token_id, self.bos_id), (w.add_eos_token_id, self.eos_id),
+                      (w.add_unk_token_id, self.unk_id), (w.add_pad_token_id, self.pad_id)):
+            if v is not None:
+                fn(v)
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+
+
+# llama.cpp's name for LLaMA-3's byte-level BPE pre-tokenizer, recognised by its split regex.
+_LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def read_tokenizer(folder: str | Path) -> Vocab:
+    """tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE) of an HF folder."""
+    import json as _json
+
+    folder = Path(folder)
+    cfg = {}
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            cfg = _json.loads((folder / "tokenizer_config.json").read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+    spm, tjs = folder / "tokenizer.model", folder / "tokenizer.json"
+    if spm.is_file():
+        try:
+            m = SentencePieceModel.decode(spm.read_bytes())
+        except ValueError as e:
+            raise CheckpointError(f"{spm}: {e}") from None
+        if m.model_type != 2 and m.model_type != 1:
+            raise CheckpointError(f"{spm}: SentencePiece model type {m.model_type} is not supported")
+        return Vocab("llama", m.pieces, m.types, m.scores, None, "default",
+                     bos_id=m.bos_id if m.bos_id >= 0 else None, eos_id=m.eos_id if m.eos_id >= 0 else None,
+                     unk_id=m.unk_id if m.unk_id >= 0 else None, pad_id=m.pad_id if m.pad_id >= 0 else None,
+                     add_bos=bool(cfg.get("add_bos_token", True)), add_eos=bool(cfg.get("add_eos_token", False)))
+    if tjs.is_file():
+        try:
+            tj = _json.loads(tjs.read_text())
+            model = tj["model"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{tjs}: not a tokenizers file ({e})") from None
+        if model.get("type") != "BPE":
+            raise CheckpointError(f"{tjs}: tokenizer type {model.get('type')!r} is not supported (BPE is)")
+        vocab = model["vocab"]
+        added = {t["id"]: t for t in tj.get("added_tokens", [])}
+        n = max([*vocab.values(), *added.keys()]) + 1
+        tokens = [f"[PAD{i}]" for i in range(n)]
+        types = [5] * n  # unused until filled
+        for tok, i in vocab.items():
+            tokens[i], types[i] = tok, 1
+        for i, t in added.items():
+            tokens[i], types[i] = t["content"], 3 if t.get("special") else 4
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        pre = "llama-bpe" if _LLAMA3_SPLIT in tjs.read_text().replace("\\\\", "\\") else "default"
+
+        def tid(key: str) -> int | None:
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is None:
+                return None
+            ids = [i for i, t in added.items() if t["content"] == v] or [vocab.get(v)]
+            return ids[0]
+
+        return Vocab("gpt2", tokens, types, None, merges, pre, bos_id=tid("bos_token"),
+                     eos_id=tid("eos_token"), unk_id=tid("unk_token"), pad_id=tid("pad_token"),
+                     add_bos=bool(cfg.get("add_bos_token", pre == "llama-bpe")),
+                     add_eos=bool(cfg.get("add_eos_token", False)))
+    raise CheckpointError(f"{folder}: no tokenizer (tokenizer.model or tokenizer.json)")

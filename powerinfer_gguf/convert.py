@@ -1,0 +1,442 @@
+"""pi-convert: HF checkpoint -> GGUF with activation profile, predictors and placement metadata.
+
+Stages: read (hf.py) -> profile calibration text layer by layer (profile.py) -> fit one predictor
+per layer (predictor.py) -> rank neurons hot to cold and permute gate/up rows, down columns and
+predictor outputs alike (the model's function is unchanged) -> write our GGUF and, with --stock,
+a plain llama.cpp GGUF of the same permuted weights. Model families are classes registered by HF
+architecture name, as in llama.cpp's converter (adding one is a new class, not edits here).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import format as fmt
+from .forward import Hparams
+from .hf import Checkpoint, CheckpointError, Vocab, hf_tensor_name, permute_qk_to_gguf, read_tokenizer
+
+OUTTYPES = ("f32", "f16", "bf16")
+
+_FAMILIES: dict[str, type["ModelFamily"]] = {}
+
+
+def register(*architectures: str):
+    def wrap(cls):
+        for a in architectures:
+            _FAMILIES[a] = cls
+        return cls
+    return wrap
+
+
+class ModelFamily:
+    """How one HF model family maps onto llama.cpp's names, shapes and metadata."""
+
+    gguf_arch = "llama"
+
+    def __init__(self, ckpt: Checkpoint, act_override: str | None = None):
+        self.ckpt = ckpt
+        self.hp = self.hparams(ckpt.config, act_override)
+
+    @staticmethod
+    def for_checkpoint(ckpt: Checkpoint, act_override: str | None = None) -> "ModelFamily":
+        archs = ckpt.config.get("architectures") or [ckpt.config.get("model_type", "?")]
+        for a in archs:
+            if a in _FAMILIES:
+                return _FAMILIES[a](ckpt, act_override)
+        raise CheckpointError(f"unsupported architecture {archs[0]} (supported: {', '.join(sorted(_FAMILIES))})")
+
+    def hparams(self, cfg: dict, act_override: str | None) -> Hparams:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def tensor_names(self) -> list[str]:
+        raise NotImplementedError
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM")
+class LlamaFamily(ModelFamily):
+    """LLaMA / Mistral layout; ReGLU (relu), dReLU or SwiGLU (silu) FFN."""
+
+    # HF hidden_act spellings -> ours (format.ACTIVATIONS)
+    ACTS = {"relu": "relu", "reglu": "relu", "drelu": "drelu", "silu": "silu", "swish": "silu", "swiglu": "silu"}
+
+    def hparams(self, cfg: dict, act_override: str | None) -> Hparams:
+        def need(key: str):
+            if key not in cfg:
+                raise CheckpointError(f"{self.ckpt.dir / 'config.json'}: missing key {key!r}")
+            return cfg[key]
+
+        act_hf = act_override or need("hidden_act")
+        if act_hf not in self.ACTS:
+            raise CheckpointError(f"unknown activation {act_hf!r} in config.json "
+                                  f"(known: {', '.join(sorted(self.ACTS))})")
+        n_head = int(need("num_attention_heads"))
+        d = int(need("hidden_size"))
+        if n_head < 1 or d % n_head or (d // n_head) % 2:
+            raise CheckpointError(f"config.json: hidden_size {d} does not split into {n_head} even-sized heads")
+        n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+        if n_head % n_head_kv:
+            raise CheckpointError(f"config.json: {n_head} heads do not group into {n_head_kv} KV heads")
+        return Hparams(n_vocab=int(need("vocab_size")), n_embd=d, n_ff=int(need("intermediate_size")),
+                       n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv,
+                       act=self.ACTS[act_hf], rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                       rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                       n_ctx_train=int(cfg.get("max_position_embeddings", 4096)))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        hp = self.hp
+        d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
+        shapes = {"token_embd.weight": (hp.n_vocab, d), "output_norm.weight": (d,)}
+        if self.ckpt.has("lm_head.weight") or not self.ckpt.config.get("tie_word_embeddings", False):
+            shapes["output.weight"] = (hp.n_vocab, d)
+        for il in range(hp.n_layer):
+            b = f"blk.{il}."
+            shapes.update({b + "attn_norm.weight": (d,), b + "attn_q.weight": (d, d),
+                           b + "attn_k.weight": (dkv, d), b + "attn_v.weight": (dkv, d),
+                           b + "attn_output.weight": (d, d), b + "ffn_norm.weight": (d,),
+                           b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d),
+                           b + "ffn_down.weight": (d, f)})
+        return shapes
+
+    def check(self) -> None:
+        """Every tensor present with the shape config.json implies (before anything is written)."""
+        for name, shape in self.expected_shapes().items():
+            hf = hf_tensor_name(name)
+            if not self.ckpt.has(hf):
+                raise CheckpointError(f"{self.ckpt.dir}: tensor {hf!r} is missing")
+            got = tuple(self.ckpt.shape(hf))
+            if got != shape:
+                raise CheckpointError(f"{self.ckpt.dir}: shape mismatch: {hf} is {list(got)}, "
+                                      f"config.json implies {list(shape)}")
+
+    def tensor_names(self) -> list[str]:
+        return list(self.expected_shapes())
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A tensor in llama.cpp's conventions (Q/K rows permuted for its RoPE), float32."""
+        w = self.ckpt.get(hf_tensor_name(name))
+        if name.endswith("attn_q.weight"):
+            w = permute_qk_to_gguf(w, self.hp.n_head)
+        elif name.endswith("attn_k.weight"):
+            w = permute_qk_to_gguf(w, self.hp.n_head_kv)
+        if not np.all(np.isfinite(w)):
+            raise CheckpointError(f"{self.ckpt.dir}: tensor {hf_tensor_name(name)} holds NaN or Inf")
+        return w
+
+    def write_kv(self, w, name: str) -> None:
+        hp = self.hp
+        w.add_name(name)
+        w.add_context_length(hp.n_ctx_train)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
+        w.add_rope_freq_base(hp.rope_theta)
+        w.add_rope_dimension_count(hp.head_dim)
+        w.add_vocab_size(hp.n_vocab)
+        w.add_string(fmt.HIDDEN_ACT_KEY.format(arch=self.gguf_arch), fmt.ACTIVATIONS[hp.act])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    firing: float
+    hot_mass: float         # activation share of the hottest 25% of neurons
+    rank: int = 0
+    recall: float = 0.0     # held-out
+    precision: float = 0.0  # held-out
+    predicted: float = 0.0  # held-out share of neurons predicted active
+    predictor_bytes: int = 0
+
+
+@dataclass
+class ConvertReport:
+    output: Path
+    stock: Path | None
+    hparams: Hparams
+    sparse: bool
+    calib_tokens: int
+    heldout_tokens: int
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+    stock_bytes: int = 0
+    ffn_bytes: int = 0
+
+    def summary(self) -> str:
+        hp = self.hparams
+        lines = [f"{self.output}: {hp.n_layer} layers, n_embd {hp.n_embd}, n_ff {hp.n_ff}, act {hp.act}, "
+                 f"{self.bytes / 2**30:.2f} GiB" + (f"; stock twin {self.stock} ({self.stock_bytes / 2**30:.2f} GiB)" if self.stock else "")]
+        if self.sparse:
+            lines.append(f"profiled {self.calib_tokens} calibration tokens, predictors checked on {self.heldout_tokens} held-out tokens")
+            lines.append("layer  firing  hot25%  rank  recall  precision  predicted  pred-MiB")
+            for r in self.layers:
+                lines.append(f"{r.layer:5d}  {r.firing:6.3f}  {r.hot_mass:6.3f}  {r.rank:4d}  {r.recall:6.4f}  "
+                             f"{r.precision:9.3f}  {r.predicted:9.3f}  {r.predictor_bytes / 2**20:8.2f}")
+            pb = sum(r.predictor_bytes for r in self.layers)
+            lines.append(f"mean recall {np.mean([r.recall for r in self.layers]):.4f}, min {min(r.recall for r in self.layers):.4f}; "
+                         f"predictors {pb / 2**20:.1f} MiB = {pb / max(self.ffn_bytes, 1):.1%} of the FFN weights")
+        else:
+            lines.append(f"activation {hp.act}: dense only (no exact zeros to exploit; the file says so)")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _vocab_only_gguf(family: ModelFamily, vocab: Vocab, path: Path) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(path, family.gguf_arch)
+    family.write_kv(w, "vocab")
+    vocab.write(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+
+
+def make_tokenizer(family: ModelFamily, vocab: Vocab, tmpdir: Path) -> Callable[[str], list[int]]:
+    """llama.cpp's own tokenizer for this vocabulary (a vocab-only GGUF through llama_cpp): the
+    calibration tokens are exactly those the model will see at run time."""
+    import llama_cpp
+
+    p = tmpdir / "vocab.gguf"
+    _vocab_only_gguf(family, vocab, p)
+    llm = llama_cpp.Llama(str(p), vocab_only=True, verbose=False)
+
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    return tokenize
+
+
+def _to_dtype(a: np.ndarray, outtype: str):
+    """(array, raw_dtype) for gguf-py: F32 norms/vectors stay F32; weights per outtype."""
+    import gguf
+
+    if a.ndim == 1 or outtype == "f32":
+        return np.ascontiguousarray(a, np.float32), None
+    if outtype == "f16":
+        return np.ascontiguousarray(a, np.float16), None
+    # bf16: round to nearest even on the top 16 bits
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return u, gguf.GGMLQuantizationType.BF16
+
+
+class _Out:
+    """One output GGUF, written atomically (.part then rename) and streamed tensor by tensor."""
+
+    def __init__(self, path: Path, arch: str):
+        import gguf
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.w = gguf.GGUFWriter(self.tmp, arch)
+
+    def add_info(self, name: str, shape: tuple[int, ...], outtype: str, is_vector: bool) -> None:
+        import gguf
+
+        if is_vector or outtype == "f32":
+            dt, raw, size = np.float32, None, 4
+        elif outtype == "f16":
+            dt, raw, size = np.float16, None, 2
+        else:
+            dt, raw, size = np.uint16, gguf.GGMLQuantizationType.BF16, 2
+        self.w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * size, raw_dtype=raw)
+
+    def begin(self) -> None:
+        self.w.write_header_to_file()
+        self.w.write_kv_data_to_file()
+        self.w.write_ti_data_to_file()
+
+    def put(self, a: np.ndarray, outtype: str) -> None:
+        arr, _ = _to_dtype(a, outtype)
+        self.w.write_tensor_data(arr)
+
+    def finish(self) -> None:
+        self.w.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.w.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str | os.PathLike | None = None,
+            calib_tokens: int = 2048, outtype: str = "f16", predictor_rank: int | None = None,
+            predictor_dir: str | os.PathLike | None = None, stock: str | os.PathLike | None = None,
+            recall: float = 0.99, act: str | None = None, heldout_share: float = 0.2,
+            seq_len: int = 128, progress: bool = True, log: Callable[[str], None] = print) -> ConvertReport:
+    """The whole conversion; see the module doc. Nothing is left behind on failure."""
+    from .synth import hot_mass_of
+
+    t_all = time.time()
+    times: dict[str, float] = {}
+    if outtype not in OUTTYPES:
+        raise ValueError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    if not 0.5 <= recall < 1:
+        raise ValueError(f"recall target must be in [0.5, 1), got {recall}")
+    if predictor_rank is not None and predictor_dir is not None:
+        raise ValueError("--predictor-rank and --predictor-dir exclude each other")
+    output = Path(output)
+    stock = Path(stock) if stock else None
+    if stock is not None and stock.resolve() == output.resolve():
+        raise ValueError("--stock must name another file than the output")
+    t0 = time.time()
+    ckpt = Checkpoint(hf_dir)
+    family = ModelFamily.for_checkpoint(ckpt, act)
+    family.check()
+    vocab = read_tokenizer(hf_dir)
+    hp = family.hp
+    if len(vocab.tokens) != hp.n_vocab:
+        raise CheckpointError(f"{hf_dir}: tokenizer has {len(vocab.tokens)} tokens, config.json says "
+                              f"vocab_size {hp.n_vocab}")
+    sparse = hp.act in ("relu", "drelu")
+    times["read"] = time.time() - t0
+    report = ConvertReport(output, stock, hp, sparse, 0, 0)
+    orders: list[np.ndarray] = []
+    freqs: list[np.ndarray] = []
+    predictors: list = []
+
+    with tempfile.TemporaryDirectory(prefix="pi-convert-") as tmp:
+        if sparse:
+            t0 = time.time()
+            tokenize = make_tokenizer(family, vocab, Path(tmp))
+            text = Path(calib).read_text(errors="replace") if calib else None
+            if text is None:
+                from .profile import default_corpus
+                text = default_corpus()
+            from .profile import calibration_sequences, profile
+
+            seqs = calibration_sequences(tokenize, text, calib_tokens, seq_len, vocab.bos_id if vocab.add_bos else None)
+            n_held = max(1, int(round(len(seqs) * heldout_share))) if len(seqs) > 1 else 0
+            held_ids = set(np.linspace(0, len(seqs) - 1, n_held).astype(int).tolist()) if n_held else set()
+            report.calib_tokens = sum(len(s) for i, s in enumerate(seqs) if i not in held_ids)
+            report.heldout_tokens = sum(len(s) for i, s in enumerate(seqs) if i in held_ids)
+            if not held_ids:
+                log("warning: one calibration sequence only: predictor quality is measured on the training tokens")
+            times["tokenize"] = time.time() - t0
+            from .predictor import fit_layer, load_powerinfer_predictor, quality
+
+            t_fit = 0.0
+
+            def visit(obs) -> None:
+                nonlocal t_fit
+                held = np.isin(obs.seq_id, list(held_ids))
+                train = ~held if held.any() else np.ones_like(held)
+                held = held if held.any() else train
+                counts = obs.active[train].sum(axis=0)
+                freq = counts / max(train.sum(), 1)
+                # hot -> cold; ties keep the original order, so the permutation is deterministic
+                order = np.argsort(-freq, kind="stable")
+                orders.append(order)
+                freqs.append(freq[order].astype(np.float32))
+                rep = LayerReport(obs.layer, float(obs.active.mean()), hot_mass_of(counts, 0.25))
+                t1 = time.time()
+                if predictor_dir is not None:
+                    p = load_powerinfer_predictor(predictor_dir, obs.layer, hp.n_embd, hp.n_ff)
+                    q = quality(p.predict(obs.ffn_in[held]), obs.active[held])
+                else:
+                    fit = fit_layer(obs.ffn_in[train], obs.gate[train], obs.active[train],
+                                    obs.ffn_in[held], obs.active[held], family.tensor(f"blk.{obs.layer}.ffn_gate.weight"),
+                                    recall=recall, rank=predictor_rank)
+                    p, q = fit.predictor, fit.heldout
+                t_fit += time.time() - t1
+                predictors.append(p.permuted(order))
+                rep.rank, rep.recall, rep.precision, rep.predicted = p.rank, q.recall, q.precision, q.predicted
+                rep.predictor_bytes = (p.fc1.size + p.fc2.size) * (4 if outtype == "f32" else 2)
+                report.layers.append(rep)
+
+            t0 = time.time()
+            profile(family.tensor, hp, seqs, visit, progress)
+            times["profile"] = time.time() - t0 - t_fit
+            times["predictors"] = t_fit
+
+        t0 = time.time()
+        outs = [(_Out(output, family.gguf_arch), True)] + ([(_Out(stock, family.gguf_arch), False)] if stock else [])
+        try:
+            for out, ours in outs:
+                family.write_kv(out.w, Path(hf_dir).name)
+                vocab.write(out.w)
+                out.w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[outtype])
+                if ours:
+                    _write_our_kv(out.w, report, recall, predictors)
+                else:
+                    out.w.add_string(fmt.Keys.STOCK_TWIN, f"stock llama.cpp twin of {output.name}: the same "
+                                     "(permuted) weights; stock llama.cpp computes SwiGLU for the llama "
+                                     "architecture, so for relu/drelu models it is a speed reference")
+                for name in family.tensor_names():
+                    shape = family.expected_shapes()[name]
+                    if ours and sparse and name.endswith("ffn_down.weight"):
+                        out.add_info(fmt.Tensors.FFN_DOWN_T.format(name.split(".")[1]), shape[::-1], outtype, False)
+                    else:
+                        out.add_info(name, shape, outtype, len(shape) == 1)
+                    if ours and sparse and name.endswith("ffn_down.weight"):
+                        il = int(name.split(".")[1])
+                        p = predictors[il]
+                        out.add_info(fmt.Tensors.PRED_FC1.format(il), p.fc1.shape, outtype, False)
+                        out.add_info(fmt.Tensors.PRED_FC2.format(il), p.fc2.shape, outtype, False)
+                        out.add_info(fmt.Tensors.PRED_THRESHOLD.format(il), (hp.n_ff,), outtype, True)
+                        out.add_info(fmt.Tensors.NEURON_FREQ.format(il), (hp.n_ff,), outtype, True)
+                out.begin()
+            from tqdm import tqdm
+
+            for name in tqdm(family.tensor_names(), desc="write", unit="tensor", disable=not progress):
+                w = family.tensor(name)
+                if sparse and name.startswith("blk.") and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+                    il = int(name.split(".")[1])
+                    w = w[:, orders[il]] if name.endswith("ffn_down.weight") else w[orders[il]]
+                for out, ours in outs:
+                    if ours and sparse and name.endswith("ffn_down.weight"):
+                        il = int(name.split(".")[1])
+                        out.put(np.ascontiguousarray(w.T), outtype)  # one row per neuron
+                        p = predictors[il]
+                        out.put(p.fc1, outtype)
+                        out.put(p.fc2, outtype)
+                        out.put(p.threshold, outtype)
+                        out.put(freqs[il], outtype)
+                    else:
+                        out.put(w, outtype)
+            for out, _ in outs:
+                out.finish()
+        except BaseException:
+            for out, _ in outs:
+                out.abort()
+            raise
+        times["write"] = time.time() - t0
+    report.ffn_bytes = hp.n_layer * 3 * hp.n_embd * hp.n_ff * (4 if outtype == "f32" else 2)
+    report.bytes = output.stat().st_size
+    report.stock_bytes = stock.stat().st_size if stock else 0
+    times["total"] = time.time() - t_all
+    report.seconds = times
+    return report
+
+
+def _write_our_kv(w, report: ConvertReport, recall: float, predictors: list) -> None:
+    K = fmt.Keys
+    w.add_uint32(K.FORMAT_VERSION, fmt.FORMAT_VERSION)
+    w.add_bool(K.SPARSE, report.sparse)
+    if not report.sparse:
+        return
+    w.add_string(K.FFN_DOWN_LAYOUT, "neuron_rows")
+    w.add_string(K.PREDICTOR_ACT, predictors[0].act)
+    w.add_float32(K.PREDICTOR_RECALL_TARGET, recall)
+    w.add_array(K.PREDICTOR_RECALL, [float(r.recall) for r in report.layers])
+    w.add_array(K.PREDICTOR_PRECISION, [float(r.precision) for r in report.layers])
+    w.add_uint32(K.CALIB_TOKENS, report.calib_tokens)

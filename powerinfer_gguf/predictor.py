@@ -1,0 +1,165 @@
+"""Per-layer activation predictors: which FFN neurons will fire for this token?
+
+Shape (as PowerInfer's): score = fc2 @ act(fc1 @ x), fc1 [rank, n_embd], fc2 [n_ff, rank]; a neuron
+is predicted active where score > threshold (one threshold per neuron here, one global value in
+PowerInfer's files).
+
+How ours are made (numpy, no training loop): in a ReLU-family FFN neuron j fires iff its gate
+pre-activation g_j = w_j · x is positive, so the best rank-r predictor of g for inputs x with second
+moment S = E[x x^T] is the rank-r truncation of W_gate in the metric of S: with S = L L^T (Cholesky),
+take the SVD of W_gate L, keep r components, and map back (fc1 = S_r V_r^T L^-1, fc2 = U_r, act
+none). That is the least-squares optimum of E||W x - fc2 fc1 x||^2; a randomized SVD computes it in
+seconds for a 7B layer. The rest of g (what rank r misses) is treated as noise of per-neuron scale
+sigma_j, and neuron j is predicted active where score_j > -m * sigma_j, one margin m per layer chosen
+so that recall on the training tokens reaches the target. The rank per layer is the one that reads
+the fewest bytes per token (predictor + predicted rows), within a cap on predictor size.
+
+PowerInfer's published predictors (model_N.pt, torch) import as act relu with their threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Predictor:
+    fc1: np.ndarray        # [rank, n_embd]
+    fc2: np.ndarray        # [n_ff, rank]
+    threshold: np.ndarray  # [n_ff]: active where score > threshold
+    act: str = "none"      # "none" (ours) or "relu" (PowerInfer's)
+
+    @property
+    def rank(self) -> int:
+        return self.fc1.shape[0]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        h = x @ self.fc1.T
+        if self.act == "relu":
+            h = np.maximum(h, 0)
+        return h @ self.fc2.T
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.scores(x) > self.threshold
+
+    def permuted(self, order: np.ndarray) -> "Predictor":
+        """The same predictor for neurons renumbered by ``order`` (new j = old order[j])."""
+        return Predictor(self.fc1, self.fc2[order], self.threshold[order], self.act)
+
+
+@dataclass
+class Quality:
+    recall: float      # share of truly active neurons predicted active
+    precision: float   # share of predicted neurons truly active
+    predicted: float   # mean share of neurons predicted active
+    actual: float      # mean share of neurons active
+
+
+def quality(pred_mask: np.ndarray, true_mask: np.ndarray) -> Quality:
+    tp = np.logical_and(pred_mask, true_mask).sum()
+    return Quality(float(tp / max(true_mask.sum(), 1)), float(tp / max(pred_mask.sum(), 1)),
+                   float(pred_mask.mean()), float(true_mask.mean()))
+
+
+def randomized_svd(M: np.ndarray, rank: int, n_iter: int = 4, oversample: int = 16,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``rank`` SVD of M (Halko, Martinsson & Tropp 2011), U [m, k], S [k], Vt [k, n]."""
+    rng = np.random.default_rng(seed)
+    k = min(rank + oversample, *M.shape)
+    Y = M @ rng.standard_normal((M.shape[1], k)).astype(M.dtype)
+    Q, _ = np.linalg.qr(Y)
+    for _ in range(n_iter):
+        Q, _ = np.linalg.qr(M.T @ Q)
+        Q, _ = np.linalg.qr(M @ Q)
+    Ub, S, Vt = np.linalg.svd(Q.T @ M, full_matrices=False)
+    return (Q @ Ub)[:, :rank], S[:rank], Vt[:rank]
+
+
+def _margin_for_recall(scores: np.ndarray, sigma: np.ndarray, active: np.ndarray, target: float) -> float:
+    """Smallest m with recall(score > -m*sigma) >= target on these tokens (bisection)."""
+    pos = scores[active] / np.broadcast_to(sigma, scores.shape)[active]  # normalised scores of actives
+    if pos.size == 0:
+        return 0.0
+    # recall(m) = share of pos > -m: m = -quantile(pos, 1 - target)
+    return float(-np.quantile(pos, 1 - target))
+
+
+@dataclass
+class FitResult:
+    predictor: Predictor
+    train: Quality
+    heldout: Quality
+    bytes_per_token: float  # predictor reads + predicted FFN rows (F16 units), per token
+
+
+def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
+              x_held: np.ndarray, act_held: np.ndarray, w_gate: np.ndarray, *,
+              recall: float = 0.99, rank: int | None = None, max_bytes_share: float = 0.15,
+              ranks: tuple[int, ...] | None = None) -> FitResult:
+    """Fit one layer's predictor. x: FFN inputs [T, n_embd] (after the norm); g: gate
+    pre-activations [T, n_ff]; act: true active masks [T, n_ff]. ``rank`` fixes the rank; else the
+    rank with the fewest bytes per token is chosen among ``ranks`` (default: powers of two and
+    the cap), keeping the predictor within ``max_bytes_share`` of the FFN's bytes."""
+    T, d = x_train.shape
+    f = w_gate.shape[0]
+    cap = int(max_bytes_share * 3 * d * f / (d + f))
+    if rank is not None:
+        if rank < 1:
+            raise ValueError(f"predictor rank must be >= 1, got {rank}")
+        candidates = [min(rank, d, f)]
+    else:
+        candidates = sorted({r for r in (ranks or (16, 32, 64, 128, 256, 512, 1024, 2048)) if r <= cap} | {min(cap, d, f)})
+        candidates = [r for r in candidates if r >= 1] or [1]
+    r_max = max(candidates)
+    # Second moment of the inputs (plus a small ridge: calibration may hold fewer tokens than dims).
+    S = (x_train.T.astype(np.float64) @ x_train) / T
+    S += np.eye(d) * (1e-4 * np.trace(S) / d + 1e-8)
+    L = np.linalg.cholesky(S)
+    M = w_gate.astype(np.float64) @ L
+    U, Sv, Vt = randomized_svd(M, r_max)
+    # fc1 = S_r V_r^T L^-1  (solve L^T y = (S_r V_r^T)^T)
+    fc1_full = np.linalg.solve(L.T, (Sv[:, None] * Vt).T).T  # [r_max, d]
+    best: FitResult | None = None
+    for r in candidates:
+        fc1 = fc1_full[:r].astype(np.float32)
+        fc2 = U[:, :r].astype(np.float32)
+        p = Predictor(fc1, fc2, np.zeros(f, np.float32))
+        s_train = p.scores(x_train)
+        sigma = np.maximum((g_train - s_train).std(axis=0), 1e-6).astype(np.float32)
+        # Aim the training tokens at half the misses the target allows, so that unseen tokens
+        # still meet it (the margin is fitted on the tokens it is judged on otherwise).
+        m = _margin_for_recall(s_train, sigma, act_train, 1 - (1 - recall) / 2)
+        p.threshold = (-m * sigma).astype(np.float32)
+        q_train = quality(s_train > p.threshold, act_train)
+        q_held = quality(p.predict(x_held), act_held)
+        # bytes per token in F16 units: predictor matrices + gate/up/down rows of predicted neurons
+        cost = 2 * r * (d + f) + 2 * 3 * d * f * q_held.predicted
+        res = FitResult(p, q_train, q_held, cost)
+        if best is None or cost < best.bytes_per_token:
+            best = res
+    return best
+
+
+def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, threshold: float = 0.0) -> Predictor:
+    """Layer ``layer`` of a PowerInfer predictor folder (model_N.pt: fc1.weight, fc2.weight)."""
+    from pathlib import Path
+
+    p = Path(folder) / f"model_{layer}.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"{folder}: no model_{layer}.pt (PowerInfer predictor of layer {layer})")
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("PowerInfer predictors are torch files: importing them needs torch "
+                           "(pip install torch)") from None
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        fc1 = sd["fc1.weight"].float().numpy()
+        fc2 = sd["fc2.weight"].float().numpy()
+    except KeyError as e:
+        raise ValueError(f"{p}: no {e} (expected fc1.weight and fc2.weight)") from None
+    if fc1.ndim != 2 or fc2.ndim != 2 or fc1.shape[1] != n_embd or fc2.shape != (n_ff, fc1.shape[0]):
+        raise ValueError(f"{p}: shapes fc1 {list(fc1.shape)}, fc2 {list(fc2.shape)} do not fit "
+                         f"n_embd {n_embd}, n_ff {n_ff}")
+    return Predictor(fc1, fc2, np.full(n_ff, threshold, np.float32), "relu")
