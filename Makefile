@@ -3,7 +3,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO := out/demo-small-relu-f16.gguf
+DEMO := out/demo
 
 .PHONY: setup demo test clean-venv
 
@@ -17,10 +17,14 @@ setup: $(BIN)/python
 	$(BIN)/python -m powerinfer_gguf.build setup
 	$(BIN)/python -m pip install -q -e '.[test]'
 
+# The main job on a small embedded default: a synthetic ReLU LLaMA as an HF checkpoint (real
+# llama vocabulary from the sdist) -> pi-convert (profile on Python's own docs, predictors, ranked
+# neurons, our GGUF + stock twin) -> pi-info -> pi-bench of stock llama.cpp on the twin.
 demo: setup
-	$(BIN)/pi-synth $(DEMO) --preset small --outtype f16
-	$(BIN)/pi-info $(DEMO)
-	$(BIN)/pi-bench $(DEMO) --vram-budget 0 -p 64 -n 64 -r 3 --json out/demo-bench.json --plot out/demo-bench.png
+	$(BIN)/pi-synth $(DEMO)-synth.gguf --preset small --outtype f16 --hf $(DEMO)-hf
+	$(BIN)/pi-convert $(DEMO)-hf -o $(DEMO).pi.gguf --stock $(DEMO).stock.gguf
+	$(BIN)/pi-info $(DEMO).pi.gguf
+	$(BIN)/pi-bench $(DEMO).stock.gguf --vram-budget 0 -p 64 -n 64 -r 3 --json $(DEMO)-bench.json --plot $(DEMO)-bench.png
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
