@@ -444,12 +444,19 @@ def install_python(patched_bin: Path) -> None:
     log(f"llama_cpp/lib: {n} patched libraries from {patched_bin}")
 
 
-def setup(jobs: int | None = None, python: bool = True, at_once: bool = False) -> dict:
+def setup(jobs: int | None = None, python: bool = True, at_once: bool = False, only: str | None = None) -> dict:
     """The whole set-up; idempotent. Returns where things are."""
     t0 = time.time()
     cfg = detect_config()
     log(f"llama-cpp-python {SDIST_VERSION} (llama.cpp {LLAMA_CPP_COMMIT}), {len(patch_files())} patches "
         f"[{patches_hash()}], {'CUDA sm_' + cfg.cuda_arch if cfg.cuda else 'CPU'}; cache {cache_root()}")
+    if only is not None:
+        # one side alone (e.g. the patched side for a quick check on the GPU machine)
+        built = build(only, cfg, jobs)
+        if only == "patched" and python:
+            install_python(built)
+        log(f"set-up ({only} only) done in {time.time() - t0:.0f} s")
+        return {f"{only}_bin": str(built)}
     if at_once:
         # Both sides side by side, half the cores each: on a 16-core GPU machine two CUDA builds
         # then fit one 10-minute call.
@@ -500,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=None)
     ap.add_argument("--no-python", action="store_true", help="build only; do not touch the environment")
     ap.add_argument("--sides-at-once", action="store_true", help="build patched and stock concurrently")
+    ap.add_argument("--only", choices=["patched", "stock"], default=None, help="build one side only")
     ap.add_argument("-o", "--output", default="build/llama-src.tar.xz", help="pack: output file")
     a = ap.parse_args(argv)
     try:
@@ -509,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"patched": str(build_dir("patched")), "stock": str(build_dir("stock")),
                               "patched_src": str(patched_source())}, indent=1))
         else:
-            setup(a.jobs, python=not a.no_python, at_once=a.sides_at_once)
+            setup(a.jobs, python=not a.no_python, at_once=a.sides_at_once, only=a.only)
     except BuildError as e:
         print(f"pi-setup: error: {e}", file=sys.stderr)
         return 1

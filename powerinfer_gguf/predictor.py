@@ -163,3 +163,46 @@ def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, thresh
         raise ValueError(f"{p}: shapes fc1 {list(fc1.shape)}, fc2 {list(fc2.shape)} do not fit "
                          f"n_embd {n_embd}, n_ff {n_ff}")
     return Predictor(fc1, fc2, np.full(n_ff, threshold, np.float32), "relu")
+
+
+def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, progress: bool = False) -> list[Quality]:
+    """Recall and precision of the predictors stored in one of our GGUFs, per layer, on ``text``
+    (e.g. text that calibration never saw), against the model's true firing (numpy forward)."""
+    import gguf
+    import llama_cpp
+
+    from . import format as fmt
+    from .bench import ModelSizes
+    from .forward import Hparams
+    from .profile import calibration_sequences, profile
+
+    r = gguf.GGUFReader(path)
+    if not bool(r.fields.get(fmt.Keys.SPARSE) and r.fields[fmt.Keys.SPARSE].contents()):
+        raise ValueError(f"{path}: no predictors (not a sparse powerinfer file)")
+    sz = ModelSizes.from_gguf(path)
+    act = r.fields[fmt.HIDDEN_ACT_KEY.format(arch="llama")].contents()
+    eps = r.fields["llama.attention.layer_norm_rms_epsilon"].contents()
+    theta = r.fields["llama.rope.freq_base"].contents() if "llama.rope.freq_base" in r.fields else 10000.0
+    hp = Hparams(sz.n_vocab, sz.n_embd, sz.n_ff, sz.n_layer, sz.n_head, sz.n_head_kv, act, theta, eps)
+    tensors = {t.name: t for t in r.tensors}
+    pact = r.fields[fmt.Keys.PREDICTOR_ACT].contents()
+
+    def get(name: str) -> np.ndarray:
+        if name.endswith("ffn_down.weight"):
+            return np.array(tensors[name.replace("ffn_down", "ffn_down_t")].data, dtype=np.float32).T
+        return np.array(tensors[name].data, dtype=np.float32)
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    bos = llm.token_bos()
+    seqs = calibration_sequences(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False),
+                                 text, n_tokens, seq_len, bos)
+    out: list[Quality] = []
+
+    def visit(obs) -> None:
+        il = obs.layer
+        p = Predictor(get(fmt.Tensors.PRED_FC1.format(il)), get(fmt.Tensors.PRED_FC2.format(il)),
+                      get(fmt.Tensors.PRED_THRESHOLD.format(il)), pact)
+        out.append(quality(p.predict(obs.ffn_in), obs.active))
+
+    profile(get, hp, seqs, visit, progress)
+    return out
