@@ -46,7 +46,7 @@ def setup_cmd(jobs, no_python):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--layers", type=int, default=None, help="override the preset's layer count")
 @click.option("--hf", "hf_dir", type=click.Path(file_okay=False), default=None,
-              help="also write the same weights as an HF checkpoint folder (small shapes)")
+              help="also write the same weights as an HF checkpoint folder (sharded per layer)")
 @click.option("--calib-tokens", type=int, default=None, help="tokens that set the firing biases")
 @click.option("--heldout-tokens", type=int, default=None, help="tokens that measure the result")
 @one_line_errors
@@ -105,18 +105,21 @@ def bench_cmd(model, vram_budget, threads, n_prompt, n_gen, repetitions, json_pa
 @click.option("--predictor-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="import PowerInfer's predictors (model_N.pt) instead of fitting them")
 @click.option("--recall", type=float, default=0.99, show_default=True, help="predictor recall target")
+@click.option("--predictor-steps", type=int, default=0, show_default=True,
+              help="also train a ReLU-MLP predictor this many Adam steps (kept where it reads fewer bytes)")
 @click.option("--act", type=click.Choice(["relu", "drelu", "silu"]), default=None,
               help="override config.json's hidden_act (e.g. drelu for TurboSparse checkpoints)")
 @click.option("--stock", type=click.Path(dir_okay=False), default=None,
               help="also write a stock llama.cpp GGUF of the same (permuted) weights")
 @one_line_errors
-def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, predictor_dir, recall, act, stock):
+def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, predictor_dir, recall,
+                predictor_steps, act, stock):
     """Convert an HF checkpoint into a GGUF with activation profile, predictors and metadata."""
     from .convert import convert
 
     rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
                   predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
-                  act=act, log=lambda m: click.echo(m, err=True))
+                  act=act, predictor_steps=predictor_steps, log=lambda m: click.echo(m, err=True))
     click.echo(rep.summary())
 
 

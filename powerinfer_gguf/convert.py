@@ -282,7 +282,8 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
             calib_tokens: int = 2048, outtype: str = "f16", predictor_rank: int | None = None,
             predictor_dir: str | os.PathLike | None = None, stock: str | os.PathLike | None = None,
             recall: float = 0.99, act: str | None = None, heldout_share: float = 0.2,
-            seq_len: int = 128, progress: bool = True, log: Callable[[str], None] = print) -> ConvertReport:
+            seq_len: int = 128, predictor_steps: int = 0, progress: bool = True,
+            log: Callable[[str], None] = print) -> ConvertReport:
     """The whole conversion; see the module doc. Nothing is left behind on failure."""
     from .synth import hot_mass_of
 
@@ -355,7 +356,7 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
                 else:
                     fit = fit_layer(obs.ffn_in[train], obs.gate[train], obs.active[train],
                                     obs.ffn_in[held], obs.active[held], family.tensor(f"blk.{obs.layer}.ffn_gate.weight"),
-                                    recall=recall, rank=predictor_rank)
+                                    recall=recall, rank=predictor_rank, train_steps=predictor_steps)
                     p, q = fit.predictor, fit.heldout
                 t_fit += time.time() - t1
                 predictors.append(p.permuted(order))

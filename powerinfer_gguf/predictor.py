@@ -62,7 +62,7 @@ def quality(pred_mask: np.ndarray, true_mask: np.ndarray) -> Quality:
                    float(pred_mask.mean()), float(true_mask.mean()))
 
 
-def randomized_svd(M: np.ndarray, rank: int, n_iter: int = 4, oversample: int = 16,
+def randomized_svd(M: np.ndarray, rank: int, n_iter: int = 2, oversample: int = 16,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``rank`` SVD of M (Halko, Martinsson & Tropp 2011), U [m, k], S [k], Vt [k, n]."""
     rng = np.random.default_rng(seed)
@@ -82,7 +82,7 @@ def _margin_for_recall(scores: np.ndarray, sigma: np.ndarray, active: np.ndarray
     if pos.size == 0:
         return 0.0
     # recall(m) = share of pos > -m: m = -quantile(pos, 1 - target)
-    return float(-np.quantile(pos, 1 - target))
+    return float(-np.nextafter(np.quantile(pos, 1 - target, method="lower"), -np.inf))
 
 
 @dataclass
@@ -96,7 +96,7 @@ class FitResult:
 def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
               x_held: np.ndarray, act_held: np.ndarray, w_gate: np.ndarray, *,
               recall: float = 0.99, rank: int | None = None, max_bytes_share: float = 0.15,
-              ranks: tuple[int, ...] | None = None) -> FitResult:
+              ranks: tuple[int, ...] | None = None, train_steps: int = 0) -> FitResult:
     """Fit one layer's predictor. x: FFN inputs [T, n_embd] (after the norm); g: gate
     pre-activations [T, n_ff]; act: true active masks [T, n_ff]. ``rank`` fixes the rank; else the
     rank with the fewest bytes per token is chosen among ``ranks`` (default: powers of two and
@@ -138,6 +138,19 @@ def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
         res = FitResult(p, q_train, q_held, cost)
         if best is None or cost < best.bytes_per_token:
             best = res
+    if train_steps > 0:
+        # Refine within the same byte budget: the MLP has rank 2r, so start from rank cap/2.
+        r = max(1, min(cap, d, f) // 2) if rank is None else max(1, rank // 2)
+        lin = Predictor(fc1_full[:r].astype(np.float32), U[:, :r].astype(np.float32), np.zeros(f, np.float32))
+        s_train = lin.scores(x_train)
+        sigma = np.maximum((g_train - s_train).std(axis=0), 1e-6).astype(np.float32)
+        lin.threshold = (-_margin_for_recall(s_train, sigma, act_train, recall) * sigma).astype(np.float32)
+        mlp = _calibrate(train_mlp(x_train, act_train, lin, sigma, steps=train_steps), x_train, act_train,
+                         1 - (1 - recall) / 2)
+        q_held = quality(mlp.predict(x_held), act_held)
+        cost = 2 * mlp.rank * (d + f) + 2 * 3 * d * f * q_held.predicted
+        if cost < best.bytes_per_token:
+            best = FitResult(mlp, quality(mlp.predict(x_train), act_train), q_held, cost)
     return best
 
 
@@ -206,3 +219,51 @@ def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, pro
 
     profile(get, hp, seqs, visit, progress)
     return out
+
+
+def train_mlp(x: np.ndarray, active: np.ndarray, init: Predictor, sigma: np.ndarray, *,
+              steps: int = 300, batch: int = 256, lr: float = 2e-3, pos_weight: float = 4.0,
+              seed: int = 0) -> Predictor:
+    """Refine a linear predictor into PowerInfer's MLP shape by classification (numpy Adam).
+
+    The linear rank-r predictor becomes an exact rank-2r ReLU MLP (relu(a) - relu(-a) = a):
+    fc1' = [fc1; -fc1], fc2' = [fc2, -fc2] / sigma, plus a per-neuron bias. Training then
+    minimises a recall-weighted binary cross-entropy on the true active masks, which a ReLU MLP
+    can fit where no linear score can (learned, not built-in, sparsity). Thresholds are set
+    afterwards by :func:`_calibrate` for the recall target. Returns act "relu"."""
+    rng = np.random.default_rng(seed)
+    W1 = np.concatenate([init.fc1, -init.fc1]).astype(np.float32)             # [2r, d]
+    W2 = (np.concatenate([init.fc2, -init.fc2], axis=1) / sigma[:, None]).astype(np.float32)  # [f, 2r]
+    c = (-init.threshold / sigma).astype(np.float32)                          # logit offset
+    params = [W1, W2, c]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    T = len(x)
+    y = active.astype(np.float32)
+    for step in range(1, steps + 1):
+        idx = rng.integers(0, T, min(batch, T))
+        xb, yb = x[idx], y[idx]
+        h_pre = xb @ W1.T
+        h = np.maximum(h_pre, 0)
+        z = h @ W2.T + c
+        p = 1 / (1 + np.exp(-np.clip(z, -30, 30)))
+        # d/dz of weighted BCE: w+ y (p - 1) + (1 - y) p
+        g = (pos_weight * yb * (p - 1) + (1 - yb) * p) / len(idx)
+        gW2 = g.T @ h
+        gc = g.sum(axis=0)
+        gh = (g @ W2) * (h_pre > 0)
+        gW1 = gh.T @ xb
+        for i, (prm, grd) in enumerate(zip(params, (gW1, gW2, gc))):
+            m[i] = 0.9 * m[i] + 0.1 * grd
+            v[i] = 0.999 * v[i] + 0.001 * grd * grd
+            prm -= lr * (m[i] / (1 - 0.9 ** step)) / (np.sqrt(v[i] / (1 - 0.999 ** step)) + 1e-8)
+    return Predictor(W1, W2, -c, "relu")
+
+
+def _calibrate(p: Predictor, x: np.ndarray, active: np.ndarray, recall: float) -> Predictor:
+    """Shift all thresholds by one margin so that recall on these tokens reaches ``recall``."""
+    s = p.scores(x) - p.threshold  # > 0 where predicted
+    pos = s[active]
+    # the lower order statistic, nudged down: "> threshold" then keeps at least that share
+    shift = float(np.nextafter(np.quantile(pos, 1 - recall, method="lower"), -np.inf)) if pos.size else 0.0
+    return Predictor(p.fc1, p.fc2, (p.threshold + shift).astype(np.float32), p.act)

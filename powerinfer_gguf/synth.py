@@ -243,15 +243,13 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     f16_path = out if outtype in ("f32", "f16") else out.with_name(out.name + ".f16.tmp")
     tmp = f16_path.with_name(f16_path.name + ".part")
-    hf_tensors: dict[str, np.ndarray] | None = {} if hf_dir is not None else None
-    n_params = sum(int(np.prod(shape)) for _, shape in _tensor_plan(hp))
-    if hf_dir is not None and n_params > 2e9:
-        raise ValueError(f"an HF checkpoint is written for small shapes only (<= 2B parameters; "
-                         f"this one has {n_params / 1e9:.1f}B): write the GGUF alone")
+    hf: HFCheckpointWriter | None = None
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         n_vocab = _copy_vocab(w, vocab_file)
         hp = replace(hp, n_vocab=n_vocab)
+        if hf_dir is not None:
+            hf = HFCheckpointWriter(Path(hf_dir), hp, vocab_file, outtype)
         w.add_name(f"powerinfer-synth-{preset}")
         w.add_context_length(hp.n_ctx_train)
         w.add_embedding_length(hp.n_embd)
@@ -289,8 +287,8 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
             assert name == expect_name and arr.shape == expect_shape, (name, arr.shape, expect_name)
             w.write_tensor_data(np.ascontiguousarray(arr, dtype=_store_dtype(name, arr.shape, outtype)))
             put_order.append(name)
-            if hf_tensors is not None:
-                hf_tensors[name] = arr.astype(np.float32)
+            if hf is not None:
+                hf.add(name, arr)
 
         put_order: list[str] = []
         d, f = hp.n_embd, hp.n_ff
@@ -397,9 +395,11 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
         if f16_path != out:
             quantize_file(bin_path("stock", "llama-quantize"), f16_path, out, outtype)
             f16_path.unlink()
-        if hf_tensors is not None:
-            write_hf_checkpoint(Path(hf_dir), hf_tensors, hp, vocab_file, outtype)
+        if hf is not None:
+            hf.finish()
     except BaseException:
+        if hf is not None:
+            hf.abort()
         for p in (tmp, f16_path if f16_path != out else None):
             if p is not None and Path(p).exists():
                 Path(p).unlink()
@@ -419,28 +419,53 @@ def quantize_file(quantize_bin: Path, src: Path, dst: Path, outtype: str, thread
     os.replace(tmp, dst)
 
 
-def write_hf_checkpoint(dest: Path, tensors: dict[str, np.ndarray], hp: Hparams, vocab_file: Path,
-                        outtype: str) -> None:
-    """The same weights as a Hugging Face LLaMA checkpoint (config.json, model.safetensors,
-    tokenizer.model + tokenizer_config.json), written atomically as a folder."""
-    import shutil
+class HFCheckpointWriter:
+    """The same weights as a Hugging Face LLaMA checkpoint (config.json, safetensors shards with
+    their index, tokenizer.model + tokenizer_config.json), streamed: one shard per layer (plus
+    one for the embeddings and one for the head), so a 70B shape writes in a layer's memory.
+    The folder appears only when complete (written as <dest>.part, then renamed)."""
 
-    from .hf import hf_tensor_name, permute_qk_to_hf, write_sentencepiece_model
-    from safetensors.numpy import save_file
+    def __init__(self, dest: Path, hp: Hparams, vocab_file: Path, outtype: str):
+        import shutil
 
-    dtype = np.float32 if outtype == "f32" else np.float16
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        out = {}
-        for name, arr in tensors.items():
-            if name.endswith("attn_q.weight"):
-                arr = permute_qk_to_hf(arr, hp.n_head)
-            elif name.endswith("attn_k.weight"):
-                arr = permute_qk_to_hf(arr, hp.n_head_kv)
-            out[hf_tensor_name(name)] = np.ascontiguousarray(arr.astype(dtype))
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        self.dest, self.hp, self.vocab_file = Path(dest), hp, vocab_file
+        self.dtype = np.float32 if outtype == "f32" else np.float16
+        self.tmp = self.dest.with_name(self.dest.name + ".part")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.pending: dict[str, np.ndarray] = {}
+        self.weight_map: dict[str, str] = {}
+        self.n_shards = hp.n_layer + 2
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        from .hf import hf_tensor_name, permute_qk_to_hf
+
+        if name.endswith("attn_q.weight"):
+            arr = permute_qk_to_hf(arr, self.hp.n_head)
+        elif name.endswith("attn_k.weight"):
+            arr = permute_qk_to_hf(arr, self.hp.n_head_kv)
+        self.pending[hf_tensor_name(name)] = np.ascontiguousarray(arr, dtype=self.dtype)
+        if name in ("token_embd.weight", "output.weight") or name.endswith("ffn_down.weight"):
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.numpy import save_file
+
+        shard = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(self.pending, str(self.tmp / shard), metadata={"format": "pt"})
+        self.weight_map.update({k: shard for k in self.pending})
+        self.pending = {}
+
+    def finish(self) -> None:
+        import shutil
+
+        from .hf import write_sentencepiece_model
+
+        if self.pending:
+            self.flush()
+        hp = self.hp
+        (self.tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=1) + "\n")
         config = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_act": hp.act, "hidden_size": hp.n_embd, "intermediate_size": hp.n_ff,
@@ -448,17 +473,19 @@ def write_hf_checkpoint(dest: Path, tensors: dict[str, np.ndarray], hp: Hparams,
             "num_key_value_heads": hp.n_head_kv, "vocab_size": hp.n_vocab,
             "max_position_embeddings": hp.n_ctx_train, "rms_norm_eps": hp.rms_eps,
             "rope_theta": hp.rope_theta, "tie_word_embeddings": False,
-            "torch_dtype": "float32" if dtype == np.float32 else "float16",
+            "torch_dtype": "float32" if self.dtype == np.float32 else "float16",
             "bos_token_id": 1, "eos_token_id": 2,
         }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_sentencepiece_model(vocab_file, tmp / "tokenizer.model")
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_sentencepiece_model(self.vocab_file, self.tmp / "tokenizer.model")
+        (self.tmp / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if self.dest.exists():
+            shutil.rmtree(self.dest)
+        os.replace(self.tmp, self.dest)
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)

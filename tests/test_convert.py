@@ -141,15 +141,17 @@ def _broken(tmp_path, converted, how):
     elif how == "arch":
         cfg["architectures"] = ["FalconForCausalLM"]
     elif how == "truncated":
-        p = hf / "model.safetensors"
+        p = sorted(hf.glob("model-*.safetensors"))[-1]
         p.write_bytes(p.read_bytes()[:-1000])
     elif how == "no-tokenizer":
         (hf / "tokenizer.model").unlink()
     elif how == "shard-shape":
         # two shards with an index; one tensor stored with the wrong shape
         from safetensors.numpy import load_file, save_file
-        st = load_file(str(hf / "model.safetensors"))
-        (hf / "model.safetensors").unlink()
+        st = {}
+        for p in sorted(hf.glob("model-*.safetensors")):
+            st.update(load_file(str(p)))
+            p.unlink()
         names = sorted(st)
         half = len(names) // 2
         bad = "model.layers.1.mlp.up_proj.weight"
@@ -160,7 +162,9 @@ def _broken(tmp_path, converted, how):
               for i, n in enumerate(names)}
         (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     elif how == "bin-only":
-        (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
+        for i, p in enumerate(sorted(hf.glob("model-*.safetensors"))):
+            p.rename(hf / f"pytorch_model-{i:05d}.bin")
+        (hf / "model.safetensors.index.json").unlink()
     (hf / "config.json").write_text(json.dumps(cfg))
     return hf
 

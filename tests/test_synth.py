@@ -73,19 +73,17 @@ def test_gate_is_low_rank_plus_noise(tiny_model):
 
 
 def test_hf_checkpoint_holds_the_same_weights(tiny_model):
-    from safetensors.numpy import load_file
-
-    from powerinfer_gguf.hf import SentencePieceModel, hf_tensor_name, permute_qk_to_gguf
+    from powerinfer_gguf.hf import Checkpoint, SentencePieceModel, hf_tensor_name, permute_qk_to_gguf
 
     res, hf = tiny_model
     cfg = json.loads((hf / "config.json").read_text())
     hp = res.hparams
     assert cfg["hidden_act"] == "relu" and cfg["num_key_value_heads"] == hp.n_head_kv
-    st = load_file(str(hf / "model.safetensors"))
+    ck = Checkpoint(hf)  # sharded: one safetensors file per layer, with the index
     W, r = _weights(res.path)
-    assert len(st) == len(W)
+    assert len(ck.names()) == len(W) and (hf / "model.safetensors.index.json").is_file()
     for name, w in W.items():
-        h = st[hf_tensor_name(name)]
+        h = ck.get(hf_tensor_name(name))
         if name.endswith("attn_q.weight"):
             h = permute_qk_to_gguf(h, hp.n_head)
         elif name.endswith("attn_k.weight"):
