@@ -132,19 +132,7 @@ class LlamaFamily(ModelFamily):
         return w
 
     def write_kv(self, w, name: str) -> None:
-        hp = self.hp
-        w.add_name(name)
-        w.add_context_length(hp.n_ctx_train)
-        w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
-        w.add_rope_freq_base(hp.rope_theta)
-        w.add_rope_dimension_count(hp.head_dim)
-        w.add_vocab_size(hp.n_vocab)
-        w.add_string(fmt.HIDDEN_ACT_KEY.format(arch=self.gguf_arch), fmt.ACTIVATIONS[hp.act])
+        fmt.write_llama_kv(w, self.hp, name)
 
 
 # ---------------------------------------------------------------------------------------------

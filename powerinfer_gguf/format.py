@@ -56,3 +56,20 @@ class Tensors:
     PRED_FC2 = "blk.{}.pi_pred_fc2.weight"       # [n_ff, rank]
     PRED_THRESHOLD = "blk.{}.pi_pred_threshold"  # [n_ff] F32: active where fc2 act(fc1 x) > this
     NEURON_FREQ = "blk.{}.pi_neuron_freq"        # [n_ff] F32: firing frequency, non-increasing
+
+
+def write_llama_kv(w, hp, name: str) -> None:
+    """llama.cpp's own keys for a LLaMA-architecture model (a gguf.GGUFWriter; hp: forward.Hparams),
+    the activation included: what both the converter and the synthetic generator write."""
+    w.add_name(name)
+    w.add_context_length(hp.n_ctx_train)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_layer_norm_rms_eps(hp.rms_eps)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_rope_dimension_count(hp.head_dim)
+    w.add_vocab_size(hp.n_vocab)
+    w.add_string(HIDDEN_ACT_KEY.format(arch="llama"), ACTIVATIONS[hp.act])
