@@ -111,16 +111,17 @@ def test_silu_converts_dense_and_twin_matches(tmp_path):
         assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max())
 
 
-def test_f16_output_runs_close(tmp_path, converted):
+@pytest.mark.parametrize("outtype,tol", [("f16", 0.05), ("bf16", 0.15)])
+def test_half_precision_outputs_run_close(tmp_path, converted, outtype, tol):
     from powerinfer_gguf.convert import convert
 
     res, _ = converted["gqa"]
-    rep = convert(res.path.parent / "gqa-hf", tmp_path / "h.gguf", outtype="f16", calib_tokens=512,
+    rep = convert(res.path.parent / "gqa-hf", tmp_path / "h.gguf", outtype=outtype, calib_tokens=512,
                   progress=False, log=lambda m: None)
     got = _llama_logits(rep.output, TOKENS)
     want = forward(_weights(res.path), res.hparams, np.array(TOKENS))
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    assert np.abs(got - want).max() < 0.05 * max(1.0, np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+    assert np.abs(got - want).max() < tol * max(1.0, np.abs(want).max())
 
 
 # --- bad input: one line, no output ----------------------------------------------------------
