@@ -318,17 +318,21 @@ class Checkpoint:
                 raise CheckpointError(f"{self.dir}: no weights (model.safetensors, an index, or pytorch_model*.bin)")
 
     def _open_torch_bins(self, bins: list[Path]) -> None:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise CheckpointError(f"{self.dir}: weights are PyTorch .bin files, which need torch "
-                                  "(pip install torch) or a safetensors copy of the checkpoint") from None
-        import torch
+        """pytorch_model*.bin: the zip format reads without torch (tensors only, safely); older
+        pickle formats need torch."""
+        from .torchfile import load_state_dict
 
         for p in bins:
-            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            for name, t in sd.items():
-                self._where[name] = t
+            try:
+                sd = load_state_dict(p)
+            except ValueError as e:
+                try:
+                    import torch
+                except ImportError:
+                    raise CheckpointError(f"{e}; install torch or use a safetensors copy") from None
+                sd = {k: v.float().numpy() for k, v in torch.load(p, map_location="cpu", weights_only=True).items()}
+            for name, arr in sd.items():
+                self._where[name] = arr
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -346,7 +350,7 @@ class Checkpoint:
         src = self._where[name]
         if isinstance(src, SafetensorsFile):
             return src.get(name)
-        return src.float().numpy()
+        return np.asarray(src, dtype=np.float32)
 
 
 # --- tokenizer -> GGUF vocabulary -------------------------------------------------------------

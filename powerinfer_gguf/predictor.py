@@ -161,15 +161,12 @@ def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, thresh
     p = Path(folder) / f"model_{layer}.pt"
     if not p.is_file():
         raise FileNotFoundError(f"{folder}: no model_{layer}.pt (PowerInfer predictor of layer {layer})")
+    from .torchfile import load_state_dict
+
+    sd = load_state_dict(p)  # no torch needed; only tensors are unpickled
     try:
-        import torch
-    except ImportError:
-        raise RuntimeError("PowerInfer predictors are torch files: importing them needs torch "
-                           "(pip install torch)") from None
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-    try:
-        fc1 = sd["fc1.weight"].float().numpy()
-        fc2 = sd["fc2.weight"].float().numpy()
+        fc1 = sd["fc1.weight"].astype(np.float32)
+        fc2 = sd["fc2.weight"].astype(np.float32)
     except KeyError as e:
         raise ValueError(f"{p}: no {e} (expected fc1.weight and fc2.weight)") from None
     if fc1.ndim != 2 or fc2.ndim != 2 or fc1.shape[1] != n_embd or fc2.shape != (n_ff, fc1.shape[0]):
