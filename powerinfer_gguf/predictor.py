@@ -154,9 +154,18 @@ def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
     return best
 
 
-def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, threshold: float = 0.0) -> Predictor:
-    """Layer ``layer`` of a PowerInfer predictor folder (model_N.pt: fc1.weight, fc2.weight)."""
+def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, threshold: float | None = None) -> Predictor:
+    """Layer ``layer`` of a PowerInfer predictor folder (model_N.pt: fc1.weight, fc2.weight; the
+    threshold from the folder's config.json ``sparse_threshold`` where present, else 0)."""
+    import json
     from pathlib import Path
+
+    if threshold is None:
+        cfg = Path(folder) / "config.json"
+        try:
+            threshold = float(json.loads(cfg.read_text()).get("sparse_threshold", 0.0)) if cfg.is_file() else 0.0
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"{cfg}: unreadable sparse_threshold") from None
 
     p = Path(folder) / f"model_{layer}.pt"
     if not p.is_file():
