@@ -15,6 +15,6 @@ t0=$(date +%s)
 python3 -m powerinfer_gguf.build setup --no-python -j "${JOBS:-16}" --sides-at-once
 echo "set-up (both sides, CUDA): $(( $(date +%s) - t0 )) s"
 # gguf-py from the pack, for pi-synth / pi-bench here
-GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')")
+GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')" | tail -1)
 export PYTHONPATH=$PYTHONPATH:$GGUF_PY
 python3 -m powerinfer_gguf.build paths
