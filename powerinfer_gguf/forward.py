@@ -81,16 +81,6 @@ def ffn_hidden(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
     raise ValueError(f"unknown activation {act!r}")
 
 
-def firing(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
-    """Boolean [T, n_ff]: which neurons are active (contribute non-zero) for each token."""
-    g = xn @ w_gate.T
-    if act == "relu":
-        return g > 0
-    if act == "drelu":
-        return (g > 0) & (xn @ w_up.T > 0)
-    raise ValueError(f"activation {act!r} has no exact zeros")
-
-
 @dataclass
 class ForwardTrace:
     """What a forward pass saw per layer: FFN inputs (after norm) and active masks."""
