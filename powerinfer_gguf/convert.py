@@ -54,10 +54,11 @@ class ModelFamily:
     def hparams(self, cfg: dict, act_override: str | None) -> Hparams:
         raise NotImplementedError
 
-    def tensor(self, name: str) -> np.ndarray:
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the GGUF's dense part (llama.cpp names, numpy shapes), in file order."""
         raise NotImplementedError
 
-    def tensor_names(self) -> list[str]:
+    def tensor(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -116,9 +117,6 @@ class LlamaFamily(ModelFamily):
             if got != shape:
                 raise CheckpointError(f"{self.ckpt.dir}: shape mismatch: {hf} is {list(got)}, "
                                       f"config.json implies {list(shape)}")
-
-    def tensor_names(self) -> list[str]:
-        return list(self.expected_shapes())
 
     def tensor(self, name: str) -> np.ndarray:
         """A tensor in llama.cpp's conventions (Q/K rows permuted for its RoPE), float32."""
@@ -210,18 +208,25 @@ def make_tokenizer(family: ModelFamily, vocab: Vocab, tmpdir: Path) -> Callable[
     return tokenize
 
 
-def _to_dtype(a: np.ndarray, outtype: str):
-    """(array, raw_dtype) for gguf-py: F32 norms/vectors stay F32; weights per outtype."""
+def _storage(outtype: str, is_vector: bool):
+    """(numpy dtype, gguf raw type or None) of one stored tensor: vectors (norms, thresholds,
+    frequencies) stay F32, as llama.cpp's converter keeps them; weights follow outtype."""
     import gguf
 
-    if a.ndim == 1 or outtype == "f32":
-        return np.ascontiguousarray(a, np.float32), None
+    if is_vector or outtype == "f32":
+        return np.dtype(np.float32), None
     if outtype == "f16":
-        return np.ascontiguousarray(a, np.float16), None
+        return np.dtype(np.float16), None
+    return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
+
+
+def _to_stored(a: np.ndarray, outtype: str) -> np.ndarray:
+    dt, raw = _storage(outtype, a.ndim == 1)
+    if raw is None:
+        return np.ascontiguousarray(a, dt)
     # bf16: round to nearest even on the top 16 bits
     u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return u, gguf.GGMLQuantizationType.BF16
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 class _Out:
@@ -234,16 +239,9 @@ class _Out:
         self.tmp = self.path.with_name(self.path.name + ".part")
         self.w = gguf.GGUFWriter(self.tmp, arch)
 
-    def add_info(self, name: str, shape: tuple[int, ...], outtype: str, is_vector: bool) -> None:
-        import gguf
-
-        if is_vector or outtype == "f32":
-            dt, raw, size = np.float32, None, 4
-        elif outtype == "f16":
-            dt, raw, size = np.float16, None, 2
-        else:
-            dt, raw, size = np.uint16, gguf.GGMLQuantizationType.BF16, 2
-        self.w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * size, raw_dtype=raw)
+    def add_info(self, name: str, shape: tuple[int, ...], outtype: str) -> None:
+        dt, raw = _storage(outtype, len(shape) == 1)
+        self.w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=raw)
 
     def begin(self) -> None:
         self.w.write_header_to_file()
@@ -251,8 +249,7 @@ class _Out:
         self.w.write_ti_data_to_file()
 
     def put(self, a: np.ndarray, outtype: str) -> None:
-        arr, _ = _to_dtype(a, outtype)
-        self.w.write_tensor_data(arr)
+        self.w.write_tensor_data(_to_stored(a, outtype))
 
     def finish(self) -> None:
         self.w.close()
@@ -343,7 +340,7 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
                     q = quality(p.predict(obs.ffn_in[held]), obs.active[held])
                 else:
                     fit = fit_layer(obs.ffn_in[train], obs.gate[train], obs.active[train],
-                                    obs.ffn_in[held], obs.active[held], family.tensor(f"blk.{obs.layer}.ffn_gate.weight"),
+                                    obs.ffn_in[held], obs.active[held], obs.w_gate,
                                     recall=recall, rank=predictor_rank, train_steps=predictor_steps)
                     p, q = fit.predictor, fit.heldout
                 t_fit += time.time() - t1
@@ -358,6 +355,7 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
             times["predictors"] = t_fit
 
         t0 = time.time()
+        shapes = family.expected_shapes()
         outs = [(_Out(output, family.gguf_arch), True)] + ([(_Out(stock, family.gguf_arch), False)] if stock else [])
         try:
             for out, ours in outs:
@@ -370,23 +368,22 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
                     out.w.add_string(fmt.Keys.STOCK_TWIN, f"stock llama.cpp twin of {output.name}: the same "
                                      "(permuted) weights; stock llama.cpp computes SwiGLU for the llama "
                                      "architecture, so for relu/drelu models it is a speed reference")
-                for name in family.tensor_names():
-                    shape = family.expected_shapes()[name]
-                    if ours and sparse and name.endswith("ffn_down.weight"):
-                        out.add_info(fmt.Tensors.FFN_DOWN_T.format(name.split(".")[1]), shape[::-1], outtype, False)
-                    else:
-                        out.add_info(name, shape, outtype, len(shape) == 1)
-                    if ours and sparse and name.endswith("ffn_down.weight"):
-                        il = int(name.split(".")[1])
-                        p = predictors[il]
-                        out.add_info(fmt.Tensors.PRED_FC1.format(il), p.fc1.shape, outtype, False)
-                        out.add_info(fmt.Tensors.PRED_FC2.format(il), p.fc2.shape, outtype, False)
-                        out.add_info(fmt.Tensors.PRED_THRESHOLD.format(il), (hp.n_ff,), outtype, True)
-                        out.add_info(fmt.Tensors.NEURON_FREQ.format(il), (hp.n_ff,), outtype, True)
+                for name, shape in shapes.items():
+                    if not (ours and sparse and name.endswith("ffn_down.weight")):
+                        out.add_info(name, shape, outtype)
+                        continue
+                    # our layout: down one row per neuron, then the layer's predictor and profile
+                    il = int(name.split(".")[1])
+                    p = predictors[il]
+                    out.add_info(fmt.Tensors.FFN_DOWN_T.format(il), shape[::-1], outtype)
+                    out.add_info(fmt.Tensors.PRED_FC1.format(il), p.fc1.shape, outtype)
+                    out.add_info(fmt.Tensors.PRED_FC2.format(il), p.fc2.shape, outtype)
+                    out.add_info(fmt.Tensors.PRED_THRESHOLD.format(il), (hp.n_ff,), outtype)
+                    out.add_info(fmt.Tensors.NEURON_FREQ.format(il), (hp.n_ff,), outtype)
                 out.begin()
             from tqdm import tqdm
 
-            for name in tqdm(family.tensor_names(), desc="write", unit="tensor", disable=not progress):
+            for name in tqdm(shapes, desc="write", unit="tensor", disable=not progress):
                 w = family.tensor(name)
                 if sparse and name.startswith("blk.") and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
                     il = int(name.split(".")[1])

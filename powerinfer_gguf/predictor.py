@@ -130,12 +130,18 @@ def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
     target = 1 - (1 - recall) / 2  # half the misses the target allows: a margin for unseen text
     best: FitResult | None = None
     best_cost = np.inf
-    for r in candidates:
+
+    def linear(r: int) -> tuple[Predictor, np.ndarray]:
+        """The rank-r truncation, its margins set on the calibration split; and the residual scale."""
         p = Predictor(fc1_full[:r].astype(np.float32), U[:, :r].astype(np.float32), np.zeros(f, np.float32))
         s_cal = p.scores(x_cal)
         sigma = np.maximum((g_cal - s_cal).std(axis=0), 1e-6).astype(np.float32)
         p.threshold = (-_margin_for_recall(s_cal, sigma, a_cal, target) * sigma).astype(np.float32)
-        q_cal = quality(s_cal > p.threshold, a_cal)
+        return p, sigma
+
+    for r in candidates:
+        p, _ = linear(r)
+        q_cal = quality(p.predict(x_cal), a_cal)
         # bytes per token in F16 units: predictor matrices + gate/up/down rows of predicted neurons
         cost = 2 * r * (d + f) + 2 * 3 * d * f * q_cal.predicted
         if cost < best_cost:
@@ -144,10 +150,7 @@ def fit_layer(x_train: np.ndarray, g_train: np.ndarray, act_train: np.ndarray,
     if train_steps > 0:
         # Refine within the same byte budget: the MLP has rank 2r, so start from rank cap/2.
         r = max(1, min(cap, d, f) // 2) if rank is None else max(1, rank // 2)
-        lin = Predictor(fc1_full[:r].astype(np.float32), U[:, :r].astype(np.float32), np.zeros(f, np.float32))
-        s_cal = lin.scores(x_cal)
-        sigma = np.maximum((g_cal - s_cal).std(axis=0), 1e-6).astype(np.float32)
-        lin.threshold = (-_margin_for_recall(s_cal, sigma, a_cal, target) * sigma).astype(np.float32)
+        lin, sigma = linear(r)
         mlp = _calibrate(train_mlp(x_fit, act_train[:n_fit], lin, sigma, steps=train_steps), x_cal, a_cal, target)
         q_cal = quality(mlp.predict(x_cal), a_cal)
         cost = 2 * mlp.rank * (d + f) + 2 * 3 * d * f * q_cal.predicted

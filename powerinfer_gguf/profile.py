@@ -52,6 +52,7 @@ class LayerObservation:
     gate: np.ndarray       # [T, n_ff] gate pre-activations
     active: np.ndarray     # [T, n_ff] bool: neuron contributes (ReLU kinds)
     seq_id: np.ndarray     # [T] which sequence each token came from
+    w_gate: np.ndarray     # [n_ff, n_embd] the layer's gate weight (already read: predictors fit it)
 
 
 def profile(get: Callable[[str], np.ndarray], hp: Hparams, seqs: Iterable[np.ndarray],
@@ -85,7 +86,7 @@ def profile(get: Callable[[str], np.ndarray], hp: Hparams, seqs: Iterable[np.nda
             h = np.maximum(g, 0) * np.maximum(u, 0)
         else:
             raise ValueError(f"profiling needs a ReLU-family activation, not {hp.act!r}")
-        visit(LayerObservation(il, xn, g, active, seq_id))
+        visit(LayerObservation(il, xn, g, active, seq_id, w_gate))
         out = h @ get(b + "ffn_down.weight").T
         o = 0
         for x in xs:
