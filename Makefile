@@ -19,12 +19,12 @@ setup: $(BIN)/python
 
 # The main job on a small embedded default: a synthetic ReLU LLaMA as an HF checkpoint (real
 # llama vocabulary from the sdist) -> pi-convert (profile on Python's own docs, predictors, ranked
-# neurons, our GGUF + stock twin) -> pi-info -> pi-bench of stock llama.cpp on the twin.
+# neurons, our GGUF + stock twin) -> pi-info -> pi-bench: ours (sparse) against stock on the twin.
 demo: setup
 	$(BIN)/pi-synth $(DEMO)-synth.gguf --preset small --outtype f16 --hf $(DEMO)-hf
 	$(BIN)/pi-convert $(DEMO)-hf -o $(DEMO).pi.gguf --stock $(DEMO).stock.gguf
 	$(BIN)/pi-info $(DEMO).pi.gguf
-	$(BIN)/pi-bench $(DEMO).stock.gguf --vram-budget 0 -p 64 -n 64 -r 3 --json $(DEMO)-bench.json --plot $(DEMO)-bench.png
+	$(BIN)/pi-bench $(DEMO).pi.gguf --stock $(DEMO).stock.gguf --vram-budget 0 -p 64 -n 64 -r 3 --json $(DEMO)-bench.json --plot $(DEMO)-bench.png
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

@@ -19,6 +19,10 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from .format import Keys
+
 GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
           "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -40,6 +44,8 @@ class ModelSizes:
     output_bytes: int             # output.weight + output_norm (offloaded with -ngl n_layer+1)
     input_bytes: int              # token_embd (always on the CPU in llama.cpp)
     ffn_bytes: list[int]          # ffn_gate/up/down of blk.N
+    pred_bytes: list[int] = field(default_factory=list)  # predictor fc1/fc2/threshold of blk.N
+    sparse: "SparseProfile | None" = None                  # our sparse layout, when the file has it
 
     @property
     def weight_bytes(self) -> int:
@@ -76,6 +82,8 @@ class ModelSizes:
         n_layer = int(kv("block_count"))
         layer = [0] * n_layer
         ffn = [0] * n_layer
+        pred = [0] * n_layer
+        firing = [0.0] * n_layer
         out = inp = 0
         for t in r.tensors:
             m = re.match(r"blk\.(\d+)\.", t.name)
@@ -84,6 +92,10 @@ class ModelSizes:
                 layer[i] += int(t.n_bytes)
                 if re.match(r"blk\.\d+\.ffn_(gate|up|down|down_t)\.", t.name):
                     ffn[i] += int(t.n_bytes)
+                elif re.match(r"blk\.\d+\.pi_pred_", t.name):
+                    pred[i] += int(t.n_bytes)
+                elif re.match(r"blk\.\d+\.pi_neuron_freq", t.name):
+                    firing[i] = float(np.asarray(t.data, dtype=np.float64).mean())
             elif t.name.startswith("token_embd"):
                 inp += int(t.n_bytes)
             else:
@@ -91,9 +103,59 @@ class ModelSizes:
         n_head = int(kv("attention.head_count"))
         tokens = r.fields.get("tokenizer.ggml.tokens")
         n_vocab = int(kv("vocab_size", len(tokens.data) if tokens is not None else 32000))
+        sparse = None
+        if _field(r, Keys.SPARSE) is True:
+            sparse = SparseProfile(firing, _float_list(r, Keys.PREDICTOR_RECALL, n_layer),
+                                   _float_list(r, Keys.PREDICTOR_PRECISION, n_layer))
         return cls(path, n_layer, int(kv("embedding_length")), n_head,
                    int(kv("attention.head_count_kv", n_head)), int(kv("feed_forward_length")),
-                   n_vocab, layer, out, inp, ffn)
+                   n_vocab, layer, out, inp, ffn, pred, sparse)
+
+    def decode_bytes_dense(self) -> int:
+        """Weight bytes one decoded token reads on a dense engine: every weight but the token
+        embedding, of which one row."""
+        return self.weight_bytes - self.input_bytes + self.input_bytes // max(1, self.n_vocab)
+
+    def decode_bytes_sparse(self) -> int:
+        """Expected weight bytes per decoded token on our sparse engine: everything but the FFN,
+        the predictors, and per layer the gate rows of predicted neurons plus the up and down rows
+        of those that fire (the kernel skips up/down when the gate does not fire). Predicted and
+        fired shares come from the file (neuron frequencies, held-out recall and precision)."""
+        if self.sparse is None:
+            return self.decode_bytes_dense()
+        total = self.decode_bytes_dense() - sum(self.ffn_bytes)
+        for i in range(self.n_layer):
+            row = self.ffn_bytes[i] / (3 * self.n_ff)  # one gate, up or down_t row (same type)
+            fired, predicted = self.sparse.shares(i)
+            total += self.n_ff * row * (predicted + 2 * fired)
+        return int(total)
+
+
+@dataclass
+class SparseProfile:
+    """Per-layer firing of a sparse file, as its converter measured it."""
+
+    firing: list[float]      # mean of blk.N.pi_neuron_freq: share of neurons firing per token
+    recall: list[float]      # held-out predictor recall
+    precision: list[float]   # held-out predictor precision
+
+    def shares(self, layer: int) -> tuple[float, float]:
+        """(share of neurons computed that fire, share predicted) per token."""
+        fired = self.firing[layer] * self.recall[layer]
+        prec = self.precision[layer]
+        return fired, (fired / prec if prec > 0 else 1.0)
+
+
+def _field(r, key: str):
+    f = r.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def _float_list(r, key: str, n: int) -> list[float]:
+    v = _field(r, key)
+    if not isinstance(v, list) or len(v) != n:
+        return [1.0] * n
+    return [float(x) for x in v]
 
 
 def parse_size(text: str | int | float, reference_bytes: int | None = None) -> int:
@@ -181,9 +243,11 @@ def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 51
 class SideResult:
     name: str                      # "stock" or "ours"
     binary: str
+    model: str
     args: list[str]
     strategy: str                  # e.g. "-ngl 12"
     gpu_bytes: int
+    decode_bytes: int = 0          # weight bytes one decoded token reads (expected)
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
 
@@ -207,7 +271,8 @@ class SideResult:
         return {"pp_tps": pp, "pp_sd": pp_sd, "tg_tps": tg, "tg_sd": tg_sd,
                 "pp_samples": self.pp_samples, "tg_samples": self.tg_samples,
                 "strategy": self.strategy, "gpu_bytes": self.gpu_bytes, "binary": self.binary,
-                "args": self.args}
+                "model": self.model, "args": self.args, "decode_bytes": self.decode_bytes,
+                "decode_gbps": tg * self.decode_bytes / 1e9}
 
 
 @dataclass
@@ -231,6 +296,10 @@ class BenchResult:
             d["ratio_tg"] = self.sides["ours"].tg_tps / self.sides["stock"].tg_tps
             if self.sides["stock"].pp_tps:
                 d["ratio_pp"] = self.sides["ours"].pp_tps / self.sides["stock"].pp_tps
+            if self.sides["ours"].decode_bytes:
+                # bytes-per-token bound: the ratio if both sides read weights at the same speed
+                d["bound_tg"] = self.sides["stock"].decode_bytes / self.sides["ours"].decode_bytes
+                d["share_of_bound"] = d["ratio_tg"] / d["bound_tg"]
         return d
 
 
@@ -256,9 +325,12 @@ def llama_bench_once(binary: str, model: str, args: list[str], n_prompt: int, n_
     return pp, tg
 
 
-def run_bench(model: str, budget: str | int = 0, threads: int | None = None, n_prompt: int = 64,
-              n_gen: int = 128, repetitions: int = 3, progress=print) -> BenchResult:
-    """Stock llama.cpp at the budget (ours joins when the sparse engine lands)."""
+def run_bench(model: str, stock_model: str | None = None, budget: str | int = 0,
+              threads: int | None = None, n_prompt: int = 64, n_gen: int = 128,
+              repetitions: int = 3, progress=print) -> BenchResult:
+    """Both sides at one budget: ours (patched llama-bench on our sparse file) and stock
+    (unpatched llama-bench on the stock twin, or on ``model`` itself when it is a plain GGUF),
+    one repetition per invocation, interleaved round by round."""
     from .build import bin_path
 
     if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
@@ -266,41 +338,67 @@ def run_bench(model: str, budget: str | int = 0, threads: int | None = None, n_p
     if repetitions < 1:
         raise ValueError("need at least one repetition")
     sizes = ModelSizes.from_gguf(model)
-    budget_bytes = parse_size(budget, sizes.weight_bytes)
+    ours_file = sizes.sparse is not None
+    if not ours_file and stock_model is not None:
+        raise ValueError(f"{model} has no sparse layout (not a pi-convert output): give it alone "
+                         "for a stock-only run, or give our file with --stock TWIN")
+    stock_path = stock_model if ours_file else model
+    stock_sizes = ModelSizes.from_gguf(stock_path) if stock_path else None
+    if stock_sizes is not None and ours_file and (stock_sizes.n_layer, stock_sizes.n_embd, stock_sizes.n_ff) != \
+            (sizes.n_layer, sizes.n_embd, sizes.n_ff):
+        raise ValueError(f"{stock_path} is not the same shape as {model}: not its stock twin")
+    ref = stock_sizes or sizes
+    budget_bytes = parse_size(budget, ref.weight_bytes)
     if budget_bytes < 0:
         raise ValueError("the VRAM budget cannot be negative")
     threads = threads or os.cpu_count() or 1
     n_ctx = n_prompt + n_gen
-    plan = stock_offload(sizes, budget_bytes, n_ctx)
-    stock = SideResult("stock", str(bin_path("stock", "llama-bench")), ["-ngl", str(plan.ngl)],
-                       f"-ngl {plan.ngl}/{sizes.n_layer + 1}", plan.gpu_bytes)
-    sides = {"stock": stock}
+    sides: dict[str, SideResult] = {}
+    if stock_sizes is not None:
+        plan = stock_offload(stock_sizes, budget_bytes, n_ctx)
+        sides["stock"] = SideResult("stock", str(bin_path("stock", "llama-bench")), stock_path,
+                                    ["-ngl", str(plan.ngl)], f"-ngl {plan.ngl}/{stock_sizes.n_layer + 1}",
+                                    plan.gpu_bytes, stock_sizes.decode_bytes_dense())
+    if ours_file:
+        if budget_bytes > 0:
+            # hot rows on the GPU are issue 6; stock alone at this budget is still a valid run
+            raise ValueError("our side places FFN rows on the CPU only in this build: use "
+                             "--vram-budget 0 (or bench the stock twin alone for a GPU sweep)")
+        sides["ours"] = SideResult("ours", str(bin_path("patched", "llama-bench")), model,
+                                   ["-ngl", "0"], "sparse FFN, CPU", 0, sizes.decode_bytes_sparse())
     for rep in range(repetitions):
         for side in sides.values():
-            pp, tg = llama_bench_once(side.binary, model, side.args, n_prompt, n_gen, threads)
+            pp, tg = llama_bench_once(side.binary, side.model, side.args, n_prompt, n_gen, threads)
             if pp is not None:
                 side.pp_samples.append(pp)
             if tg is not None:
                 side.tg_samples.append(tg)
             progress(f"[{rep + 1}/{repetitions}] {side.name}: "
                      + (f"pp{n_prompt} {pp:.2f} t/s  " if pp else "") + (f"tg{n_gen} {tg:.2f} t/s" if tg else ""))
-    return BenchResult(model, budget_bytes, threads, n_prompt, n_gen, repetitions, sizes.weight_bytes, sides)
+    return BenchResult(model, budget_bytes, threads, n_prompt, n_gen, repetitions, ref.weight_bytes, sides)
 
 
 def render_table(res: BenchResult) -> str:
     """Markdown table, llama-bench style (mean +- sd over repetitions)."""
     lines = [f"model: {res.model} ({res.weight_bytes / GiB:.2f} GiB of weights), VRAM budget "
              f"{res.budget_bytes / GiB:.2f} GiB, {res.threads} threads, {res.repetitions} repetitions",
-             "", "| side | placement | GPU GiB | pp{0} t/s | tg{1} t/s |".format(res.n_prompt, res.n_gen),
-             "|---|---|---:|---:|---:|"]
+             "", "| side | placement | GPU GiB | pp{0} t/s | tg{1} t/s | GB read/token | GB/s |".format(
+                 res.n_prompt, res.n_gen),
+             "|---|---|---:|---:|---:|---:|---:|"]
     for s in res.sides.values():
         d = s.summary()
         pp = f"{d['pp_tps']:.2f} ± {d['pp_sd']:.2f}" if s.pp_samples else "-"
         tg = f"{d['tg_tps']:.2f} ± {d['tg_sd']:.2f}" if s.tg_samples else "-"
-        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} |")
+        gbps = f"{d['decode_gbps']:.1f}" if s.tg_samples else "-"
+        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} | "
+                     f"{s.decode_bytes / 1e9:.3f} | {gbps} |")
     j = res.to_json()
     if "ratio_tg" in j:
         lines.append(f"\ndecode ratio ours/stock: {j['ratio_tg']:.2f}x")
+    if "bound_tg" in j:
+        lines.append(f"bytes-per-token bound: {j['bound_tg']:.2f}x; reached {100 * j['share_of_bound']:.0f}% of it")
+    if "ratio_pp" in j:
+        lines.append(f"prompt ratio ours/stock: {j['ratio_pp']:.2f}x")
     return "\n".join(lines)
 
 

@@ -72,6 +72,8 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--stock", "stock_model", type=click.Path(dir_okay=False), default=None,
+              help="the stock twin of MODEL (pi-convert --stock) for the stock column")
 @click.option("--vram-budget", default="0", show_default=True,
               help="GPU memory to use: 0, 8GiB, 10GB, 40% (of the weights) or auto")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -81,11 +83,13 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="write a bar chart (PNG)")
 @one_line_errors
-def bench_cmd(model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path):
-    """Prompt and decode tokens/s of stock llama.cpp at a VRAM budget (ours: with the sparse engine)."""
+def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path):
+    """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
+
+    MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone."""
     from . import bench
 
-    res = bench.run_bench(model, vram_budget, threads, n_prompt, n_gen, repetitions,
+    res = bench.run_bench(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions,
                           progress=lambda m: click.echo(m, err=True))
     click.echo(bench.render_table(res))
     if json_path:

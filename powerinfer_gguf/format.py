@@ -23,6 +23,14 @@ class Keys:
     CALIB_TOKENS = f"{NAMESPACE}.calib.tokens"      # uint32: tokens profiled
     STOCK_TWIN = f"{NAMESPACE}.stock_twin"          # str, only in a --stock twin: what it is
 
+    class Runtime:
+        """Run-time switches: not written by our tools, given as kv overrides at load (a file may
+        carry them too). Read by patches/0005 (src/llama-powerinfer.cpp)."""
+
+        SPARSE = f"{NAMESPACE}.runtime.sparse"                    # bool, default true: sparse decode FFN
+        ALL_ACTIVE = f"{NAMESPACE}.runtime.all_active"            # bool, default false: every neuron computed
+        SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default 1: ubatch size limit
+
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""
 

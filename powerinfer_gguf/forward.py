@@ -90,9 +90,13 @@ class ForwardTrace:
 
 
 def forward(weights: Mapping[str, np.ndarray] | Callable[[str], np.ndarray], hp: Hparams,
-            tokens: np.ndarray, trace: ForwardTrace | None = None) -> np.ndarray:
+            tokens: np.ndarray, trace: ForwardTrace | None = None,
+            ffn_mask: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Logits [T, n_vocab] for one sequence of token ids. ``weights`` maps GGUF tensor names
-    (``blk.N.attn_q.weight``...) to float arrays, or is a function that loads one by name."""
+    (``blk.N.attn_q.weight``...) to float arrays, or is a function that loads one by name; a layer
+    may hold ``ffn_down_t`` (our row-per-neuron layout) instead of ``ffn_down``.
+    ``ffn_mask(layer, xn)`` -> bool [T, n_ff]: only those neurons are computed (the sparse engine's
+    semantics, for checking it)."""
     get = weights if callable(weights) else weights.__getitem__
 
     def W(name: str) -> np.ndarray:
@@ -109,10 +113,16 @@ def forward(weights: Mapping[str, np.ndarray] | Callable[[str], np.ndarray], hp:
         xn = rms_norm(x, W(b + "ffn_norm.weight"), hp.rms_eps)
         wg, wu = W(b + "ffn_gate.weight"), W(b + "ffn_up.weight")
         h = ffn_hidden(xn, wg, wu, hp.act)
+        if ffn_mask is not None:
+            h = np.where(ffn_mask(il, xn), h, 0).astype(np.float32)
         if trace is not None:
             trace.ffn_inputs.append(xn)
             if hp.act != "silu":
                 trace.active.append(h != 0)
-        x = x + h @ W(b + "ffn_down.weight").T
+        try:
+            down = W(b + "ffn_down.weight").T
+        except KeyError:
+            down = W(b + "ffn_down_t.weight")
+        x = x + h @ down
     x = rms_norm(x, W("output_norm.weight"), hp.rms_eps)
     return x @ W("output.weight").T

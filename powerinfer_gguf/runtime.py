@@ -48,3 +48,172 @@ def check_patched(expected_series: str | None = None) -> LibInfo:
         raise NotPatchedError(f"{info.path} was built from patch series {info.patch_series}, "
                               f"but patches/ is {expected_series}: run `make setup` again")
     return info
+
+
+# --- the sparse engine from Python ----------------------------------------------------------------
+
+class _LayerStatsC(ctypes.Structure):
+    # include/llama-powerinfer.h: struct llama_pi_layer_stats
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_evals", "n_tokens", "n_rows", "n_predicted", "n_fired")]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer's sparse FFN did, summed since load or the last reset."""
+
+    layer: int
+    tokens: int        # tokens through the sparse FFN (prompt tokens on the dense path not counted)
+    neurons: int       # n_ff: neurons per token
+    predicted: int     # neurons predicted active, summed over tokens: rows read
+    fired: int         # of those, neurons with a non-zero activation
+
+    @property
+    def predicted_per_token(self) -> float:
+        return self.predicted / self.tokens if self.tokens else 0.0
+
+    @property
+    def computed_share(self) -> float:
+        """Share of the layer's FFN rows computed per token (1.0 is dense)."""
+        return self.predicted / (self.tokens * self.neurons) if self.tokens and self.neurons else 0.0
+
+    @property
+    def fired_share(self) -> float:
+        return self.fired / (self.tokens * self.neurons) if self.tokens and self.neurons else 0.0
+
+    @property
+    def precision(self) -> float:
+        """Share of the predicted neurons that really fired."""
+        return self.fired / self.predicted if self.predicted else 0.0
+
+
+def _bind_sparse_api(lib) -> None:
+    if getattr(lib, "_pi_sparse_bound", False):
+        return
+    lib.llama_pi_model_sparse.restype = ctypes.c_int32
+    lib.llama_pi_model_sparse.argtypes = [ctypes.c_void_p]
+    lib.llama_pi_get_layer_stats.restype = ctypes.c_int32
+    lib.llama_pi_get_layer_stats.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(_LayerStatsC)]
+    lib.llama_pi_reset_stats.restype = None
+    lib.llama_pi_reset_stats.argtypes = [ctypes.c_void_p]
+    lib._pi_sparse_bound = True
+
+
+class _LoadErrors:
+    """While loading, catch llama.cpp's error log lines (still passed on to llama-cpp-python's
+    logger), so that a failed load can say why instead of llama-cpp-python's generic message."""
+
+    def __init__(self):
+        self.message = ""
+
+    def __enter__(self):
+        import llama_cpp
+        from llama_cpp import _logger
+
+        self._upstream = _logger.llama_log_callback
+
+        @llama_cpp.llama_log_callback
+        def capture(level, text, user_data):
+            if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h; _logger.py's table is older)
+                line = text.decode("utf-8", "replace").strip()
+                if "error loading model:" in line:
+                    self.message = line.split("error loading model:", 1)[1].strip()
+                elif not self.message and line:
+                    self.message = line
+            self._upstream(level, text, user_data)
+
+        self._capture = capture  # keep the ctypes callback alive
+        llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        import llama_cpp
+        llama_cpp.llama_log_set(self._upstream, ctypes.c_void_p(0))
+        return False
+
+
+def _make_llama_class():
+    import llama_cpp
+
+    from .bench import parse_size
+    from .format import Keys
+
+    class Llama(llama_cpp.Llama):
+        """llama_cpp.Llama over our patched llama.cpp, with PowerInfer-style sparse decoding.
+
+        Everything upstream offers (completion, streaming, chat, embeddings, the OpenAI-style
+        server) works as it does there; our options reach llama.cpp as kv overrides, so the
+        binding is upstream's. A file without our metadata runs exactly as stock.
+
+        vram_budget: bytes or a size string ("8GiB", "40%", "auto"); 0 runs on the CPU only.
+        sparse: False computes the FFN densely over the same weights (the reference).
+        all_active: compute every neuron on the sparse path (checks sparse == dense).
+        sparse_max_tokens: ubatches up to this many tokens take the sparse path (default 1:
+            decode; prompts are faster dense, see docs/NOTES.md).
+        """
+
+        def __init__(self, model_path: str, *, vram_budget: str | int = 0, sparse: bool = True,
+                     all_active: bool = False, sparse_max_tokens: int | None = None,
+                     kv_overrides: dict | None = None, **kwargs):
+            check_patched()
+            budget = parse_size(vram_budget)
+            if budget != 0:
+                # GPU placement of hot neurons is issue 6; a silent CPU fallback would mislead.
+                raise ValueError(f"vram_budget={vram_budget!r}: this build places FFN rows on the CPU "
+                                 "only; use vram_budget=0")
+            if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
+                raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
+            kwargs["n_gpu_layers"] = 0
+            # keys the caller set in kv_overrides win over the arguments
+            overrides = dict(kv_overrides or {})
+            overrides.setdefault(Keys.Runtime.SPARSE, bool(sparse))
+            overrides.setdefault(Keys.Runtime.ALL_ACTIVE, bool(all_active))
+            if sparse_max_tokens is not None:
+                if not 0 <= int(sparse_max_tokens) <= 1 << 20:
+                    raise ValueError(f"sparse_max_tokens={sparse_max_tokens}: must be within 0..1048576")
+                overrides.setdefault(Keys.Runtime.SPARSE_MAX_TOKENS, int(sparse_max_tokens))
+            self.vram_budget = budget
+            with _LoadErrors() as errors:
+                try:
+                    super().__init__(model_path, kv_overrides=overrides, **kwargs)
+                except ValueError:
+                    if errors.message:  # llama.cpp said why: say it in one line
+                        raise ValueError(f"{model_path}: {errors.message}") from None
+                    raise
+            _bind_sparse_api(llama_cpp.llama_cpp._lib)
+
+        @property
+        def sparse_mode(self) -> str:
+            """'sparse', 'dense' (our layout, sparse=False) or 'stock' (a file without our layout)."""
+            code = llama_cpp.llama_cpp._lib.llama_pi_model_sparse(self.model)
+            return {0: "stock", 1: "sparse", 2: "dense"}[int(code)]
+
+        def sparse_stats(self) -> list[LayerStats]:
+            """Per layer: tokens, neurons predicted (rows read) and fired, since load or reset.
+            Empty for a file without our layout."""
+            lib = llama_cpp.llama_cpp._lib
+            out = []
+            n_ff = self._n_ff()
+            for il in range(self._n_layer()):
+                st = _LayerStatsC()
+                if lib.llama_pi_get_layer_stats(self.model, il, ctypes.byref(st)) != 0:
+                    return []
+                out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired)))
+            return out
+
+        def close(self) -> None:
+            if hasattr(self, "_stack"):  # a failed __init__ never reached upstream's set-up
+                super().close()
+
+        def reset_sparse_stats(self) -> None:
+            llama_cpp.llama_cpp._lib.llama_pi_reset_stats(self.model)
+
+        def _n_layer(self) -> int:
+            return int(llama_cpp.llama_model_n_layer(self.model))
+
+        def _n_ff(self) -> int:
+            return int(self.metadata.get(f"{self.metadata.get('general.architecture', 'llama')}"
+                                         ".feed_forward_length", 0))
+
+    Llama.__module__ = "powerinfer_gguf"
+    return Llama

@@ -1,0 +1,191 @@
+"""Hostile and corrupt variants of one of our GGUFs, for the loader tests (tests/test_loader_fuzz.py)
+and the AddressSanitizer run (tools/asan-loader.sh).
+
+Every key and tensor we add is corrupted in turn (wrong type, wrong value, wrong length, NaN, absent,
+out-of-range rank), plus truncations and seeded random byte flips of the header. Each case says
+whether the load must fail ("error", with a fragment the message must contain) or may either run or
+fail ("any"). `python tests/loader_cases.py DIR SRC` writes the cases and runs them all in this
+process, one line per case; a crash kills the process, and the last "START" line names the case.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    name: str
+    expect: str        # "error" or "any" (error or run; never a crash)
+    fragment: str = ""  # part of the error message, for "error"
+
+
+def _rewrite(src: Path, dst: Path, kv: Callable | None = None, tensors: Callable | None = None,
+             extra: list | None = None, add_keys: list | None = None) -> None:
+    """Copy src to dst; kv(name, value, vtype, sub) -> None (drop) or (value, vtype, sub);
+    tensors(name, array) -> None (drop) or (name, array); extra tensors and keys appended."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        item = (f.contents(), vtype, sub)
+        if kv is not None:
+            item = kv(name, *item)
+            if item is None:
+                continue
+        w.add_key_value(name, *item)
+    for key, value, vtype in add_keys or []:
+        w.add_key_value(key, value, vtype)
+    for t in r.tensors:
+        item = (t.name, np.array(t.data))
+        if tensors is not None:
+            item = tensors(*item)
+            if item is None:
+                continue
+        w.add_tensor(item[0], item[1])
+    for name, arr in extra or []:
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
+    import gguf
+
+    V = gguf.GGUFValueType
+    r = gguf.GGUFReader(src)
+    n_layer = int(r.fields["llama.block_count"].contents())
+    n_embd = int(r.fields["llama.embedding_length"].contents())
+    n_ff = int(r.fields["llama.feed_forward_length"].contents())
+    last = n_layer - 1
+    cases: list[tuple[Case, Path]] = []
+
+    def key_case(name, expect, fragment, key, new):
+        def kv(k, value, vtype, sub):
+            if k != key:
+                return value, vtype, sub
+            return None if new == "drop" else new
+        p = out / f"{name}.gguf"
+        _rewrite(src, p, kv=kv)
+        cases.append((Case(name, expect, fragment), p))
+
+    def tensor_case(name, expect, fragment, fn, extra=None):
+        p = out / f"{name}.gguf"
+        _rewrite(src, p, tensors=fn, extra=extra)
+        cases.append((Case(name, expect, fragment), p))
+
+    def edit(target, fn):
+        return lambda n, a: fn(n, a) if n == target else (n, a)
+
+    # keys
+    key_case("version-2", "error", "unsupported format version", "powerinfer.format_version", (2, V.UINT32, None))
+    key_case("version-str", "error", "format_version is not a uint32", "powerinfer.format_version", ("1", V.STRING, None))
+    key_case("sparse-u32", "error", "powerinfer.sparse is not a bool", "powerinfer.sparse", (1, V.UINT32, None))
+    key_case("sparse-false", "error", "ffn_down", "powerinfer.sparse", (False, V.BOOL, None))
+    key_case("layout-bogus", "error", "unknown powerinfer.ffn_down_layout", "powerinfer.ffn_down_layout", ("columns", V.STRING, None))
+    key_case("layout-absent", "error", "missing key powerinfer.ffn_down_layout", "powerinfer.ffn_down_layout", "drop")
+    key_case("pred-act-gelu", "error", "unknown powerinfer.predictor.act", "powerinfer.predictor.act", ("gelu", V.STRING, None))
+    key_case("pred-act-u32", "error", "powerinfer.predictor.act is not a string", "powerinfer.predictor.act", (0, V.UINT32, None))
+    key_case("recall-short", "any", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
+    key_case("recall-nan", "any", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
+    key_case("calib-absent", "any", "", "powerinfer.calib.tokens", "drop")
+    key_case("act-silu", "error", "needs a relu or drelu FFN", "llama.hidden_activation", ("silu", V.STRING, None))
+    key_case("act-bogus", "error", "unsupported FFN activation", "llama.hidden_activation", ("swish9", V.STRING, None))
+    # run-time keys a file may carry, with bad values (the Python API overrides sparse/all_active,
+    # and an override wins, so a bad all_active in the file is not read)
+    for name, key, value, vtype, fragment in (
+            ("maxtok-neg", "powerinfer.runtime.sparse_max_tokens", -5, V.INT32, "sparse_max_tokens = -5"),
+            ("maxtok-str", "powerinfer.runtime.sparse_max_tokens", "9", V.STRING, "not a 32-bit integer"),
+            ("rt-all-str", "powerinfer.runtime.all_active", "yes", V.STRING, "")):
+        p = out / f"{name}.gguf"
+        _rewrite(src, p, add_keys=[(key, value, vtype)])
+        cases.append((Case(name, "error" if fragment else "any", fragment), p))
+
+    # tensors, first and last layer
+    for il in (0, last):
+        b = f"blk.{il}."
+        rank = r.get_tensor(next(i for i, t in enumerate(r.tensors) if t.name == b + "pi_pred_fc1.weight")).data.shape[0]
+        tensor_case(f"L{il}-fc1-rank-huge", "error", "outside 1..", edit(b + "pi_pred_fc1.weight",
+                    lambda n, a: (n, np.zeros((n_embd + n_ff + 1, n_embd), np.float32))))
+        tensor_case(f"L{il}-fc1-transposed", "error", "pi_pred_fc1", edit(b + "pi_pred_fc1.weight",
+                    lambda n, a: (n, np.ascontiguousarray(np.zeros((n_embd, rank + 1), np.float32)))))
+        tensor_case(f"L{il}-fc2-rank-mismatch", "error", "pi_pred_fc2", edit(b + "pi_pred_fc2.weight",
+                    lambda n, a: (n, np.zeros((n_ff, rank + 3), np.float32))))
+        tensor_case(f"L{il}-fc2-nan", "any", "", edit(b + "pi_pred_fc2.weight",
+                    lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-thr-short", "error", "pi_pred_threshold", edit(b + "pi_pred_threshold",
+                    lambda n, a: (n, a[:-1].copy())))
+        tensor_case(f"L{il}-thr-f16", "error", "has type f16", edit(b + "pi_pred_threshold",
+                    lambda n, a: (n, a.astype(np.float16))))
+        tensor_case(f"L{il}-thr-nan", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-thr-neginf", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, -np.inf))))
+        tensor_case(f"L{il}-thr-posinf", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.inf))))
+        tensor_case(f"L{il}-thr-absent", "error", "pi_pred_threshold", edit(b + "pi_pred_threshold", lambda n, a: None))
+        tensor_case(f"L{il}-freq-long", "error", "pi_neuron_freq", edit(b + "pi_neuron_freq",
+                    lambda n, a: (n, np.concatenate([a, a]))))
+        tensor_case(f"L{il}-freq-nan", "any", "", edit(b + "pi_neuron_freq", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-downt-transposed", "error", "ffn_down_t", edit(b + "ffn_down_t.weight",
+                    lambda n, a: (n, np.ascontiguousarray(a.T))))
+        tensor_case(f"L{il}-downt-absent", "error", "ffn_down_t", edit(b + "ffn_down_t.weight", lambda n, a: None))
+        tensor_case(f"L{il}-downt-nan", "any", "", edit(b + "ffn_down_t.weight", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-gate-f16", "error", "ffn_gate is f16 but ffn_up is f32", edit(b + "ffn_gate.weight",
+                    lambda n, a: (n, a.astype(np.float16))))
+        tensor_case(f"L{il}-gate-i32", "error", "has type i32", edit(b + "ffn_gate.weight",
+                    lambda n, a: (n, np.zeros(a.shape, np.int32))))
+        tensor_case(f"L{il}-up-bias", "error", "FFN biases", lambda n, a: (n, a),
+                    extra=[(b + "ffn_up.bias", np.zeros(n_ff, np.float32))])
+
+    # truncations and byte flips
+    data = src.read_bytes()
+    for frac in (0.0005, 0.01, 0.3, 0.9, 0.9999):
+        p = out / f"trunc-{frac}.gguf"
+        p.write_bytes(data[: int(len(data) * frac)])
+        cases.append((Case(f"trunc-{frac}", "error", ""), p))
+    rng = np.random.default_rng(1234)
+    header = min(len(data), _header_size(r))
+    for i in range(24):
+        buf = bytearray(data)
+        for pos in rng.integers(0, header, size=int(rng.integers(1, 6))):
+            buf[int(pos)] = int(rng.integers(0, 256))
+        p = out / f"flip-{i:02d}.gguf"
+        p.write_bytes(bytes(buf))
+        cases.append((Case(f"flip-{i:02d}", "any"), p))
+    return cases
+
+
+def _header_size(r) -> int:
+    """Bytes before the tensor data (the KV section and tensor infos): where flips hurt the parser."""
+    return int(min(t.data_offset for t in r.tensors))
+
+
+def run_case(path: Path) -> str:
+    """Load and generate a few tokens; 'RAN' or 'ERR <message>'."""
+    from powerinfer_gguf import Llama
+    try:
+        llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False)
+        llm("Hello there", max_tokens=4, temperature=0.0)
+        llm.close()
+        return "RAN"
+    except ValueError as e:
+        return "ERR " + str(e).splitlines()[0]
+
+
+if __name__ == "__main__":
+    out, src = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    for case, path in make_cases(src, out):
+        print(f"START {case.name}", flush=True)
+        print(f"CASE {case.name} {case.expect} {case.fragment!r} -> {run_case(path)}", flush=True)
+    print("DONE", flush=True)
