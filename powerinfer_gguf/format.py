@@ -24,12 +24,12 @@ class Keys:
     STOCK_TWIN = f"{NAMESPACE}.stock_twin"          # str, only in a --stock twin: what it is
 
     class Runtime:
-        """Run-time switches: not written by our tools, given as kv overrides at load (a file may
-        carry them too). Read by patches/0005 (src/llama-powerinfer.cpp)."""
+        """Run-time switches, given as kv overrides at load; a file may carry them too (pi-convert
+        writes SPARSE_MAX_TOKENS into files with weak predictors). Read by patches/0005."""
 
         SPARSE = f"{NAMESPACE}.runtime.sparse"                    # bool, default true: sparse decode FFN
         ALL_ACTIVE = f"{NAMESPACE}.runtime.all_active"            # bool, default false: every neuron computed
-        SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default 1: ubatch size limit
+        SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default all: ubatch size limit
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""

@@ -148,8 +148,10 @@ def _make_llama_class():
         vram_budget: bytes or a size string ("8GiB", "40%", "auto"); 0 runs on the CPU only.
         sparse: False computes the FFN densely over the same weights (the reference).
         all_active: compute every neuron on the sparse path (checks sparse == dense).
-        sparse_max_tokens: ubatches up to this many tokens take the sparse path (default 1:
-            decode; prompts are faster dense, see docs/NOTES.md).
+        use_mmap defaults to False here (upstream: True): see patches/0006.
+        sparse_max_tokens: ubatches up to this many tokens take the sparse path, larger ones
+            the dense path (default: the file's powerinfer.runtime.sparse_max_tokens, else all;
+            see docs/NOTES.md for where prompts are faster dense).
         """
 
         def __init__(self, model_path: str, *, vram_budget: str | int = 0, sparse: bool = True,
@@ -164,6 +166,9 @@ def _make_llama_class():
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
             kwargs["n_gpu_layers"] = 0
+            # Weights read into our own buffer, not memory-mapped: only there can they get 2 MB pages
+            # (patches/0006), which the sparse FFN's scattered row reads need (docs/NOTES.md).
+            kwargs.setdefault("use_mmap", False)
             # keys the caller set in kv_overrides win over the arguments
             overrides = dict(kv_overrides or {})
             overrides.setdefault(Keys.Runtime.SPARSE, bool(sparse))

@@ -77,3 +77,40 @@ def test_pi_bench_bad_input_is_one_line(tiny_model, tmp_path, args, msg):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_pi_bench_ours_against_stock(tiny_pi, tmp_path):
+    _, ours, twin = tiny_pi
+    j, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = _cli(str(ours), "--stock", str(twin), "--vram-budget", "0", "-p", "16", "-n", "8", "-r", "2", "-t", "2",
+             "--json", str(j), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "| stock | -ngl 0/5" in r.stdout and "| ours | sparse FFN, CPU" in r.stdout
+    assert "bytes-per-token bound" in r.stdout
+    d = json.loads(j.read_text())
+    for side in ("stock", "ours"):
+        assert d[side]["pp_tps"] > 0 and d[side]["tg_tps"] > 0 and len(d[side]["tg_samples"]) == 2
+    assert d["ratio_tg"] == pytest.approx(d["ours"]["tg_tps"] / d["stock"]["tg_tps"])
+    assert d["budget_bytes"] == 0
+    # ours reads fewer bytes per token than stock: the bound is above 1
+    assert d["ours"]["decode_bytes"] < d["stock"]["decode_bytes"] and d["bound_tg"] > 1
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["{plain}", "--stock", "{twin}"], "has no sparse layout"),
+    (["{ours}", "--stock", "{plain_other}"], "not its stock twin"),
+    (["{ours}", "--stock", "{twin}", "--vram-budget", "1GiB"], "CPU only"),
+])
+def test_pi_bench_ours_bad_input_is_one_line(tiny_pi, tmp_path, args, msg):
+    res, ours, twin = tiny_pi
+    from dataclasses import replace
+    from powerinfer_gguf.synth import hparams_for, synthesize
+    other = tmp_path / "other.gguf"
+    if "{plain_other}" in args:
+        synthesize(other, "tiny", outtype="f32", hparams=replace(hparams_for("tiny", "relu"), n_layer=2),
+                   progress=False)
+    r = _cli(*[a.format(plain=res.path, twin=twin, ours=ours, plain_other=other) for a in args])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0], r.stderr

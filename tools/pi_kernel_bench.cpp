@@ -7,11 +7,13 @@
 // active neuron fires (gate rows and x positive), so each costs a gate, an up and a down row read.
 //
 //   pi_kernel_bench n_embd n_ff n_layer threads reps share [share...]   (share 1 = every row)
+// PI_BENCH_HUGEPAGES=1 asks for 2 MB pages on the weights (madvise) before they are first touched.
 #include "ggml.h"
 #include "ggml-cpu.h"
 #include "ggml-powerinfer.h"
 
 #include <algorithm>
+#include <sys/mman.h>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -67,6 +69,13 @@ int main(int argc, char ** argv) {
     if (!wctx) {
         fprintf(stderr, "cannot allocate %.2f GB of weights\n", w_bytes / 1e9);
         return 1;
+    }
+    if (getenv("PI_BENCH_HUGEPAGES") && atoi(getenv("PI_BENCH_HUGEPAGES")) == 1) {
+        const uintptr_t lo = ((uintptr_t) ggml_get_mem_buffer(wctx) + (2u << 20) - 1) & ~(uintptr_t) ((2u << 20) - 1);
+        const uintptr_t hi = ((uintptr_t) ggml_get_mem_buffer(wctx) + ggml_get_mem_size(wctx)) & ~(uintptr_t) ((2u << 20) - 1);
+        if (hi > lo && madvise((void *) lo, hi - lo, MADV_HUGEPAGE) != 0) {
+            perror("madvise(MADV_HUGEPAGE)");
+        }
     }
     ggml_tensor * x = ggml_new_tensor_1d(wctx, GGML_TYPE_F32, n_embd);
     std::fill((float *) x->data, (float *) x->data + n_embd, 0.01f);
