@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-write patches/NNNN-*.patch from the patched tree (vendor/llama.cpp, one commit per patch) after
 # editing files that patch owns, keeping its header:   tools/make-patch.sh 0004 ggml
-# (PATHS: the folders/files of that patch; the diff is taken against the commit before it.)
+# (PATHS: the folders/files of that patch; the diff is taken against the commit before it, from the
+# working tree: name only files no later patch touches, or the later patch's changes land here too.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 num=$1; shift
