@@ -81,3 +81,13 @@ def write_llama_kv(w, hp, name: str) -> None:
     w.add_rope_dimension_count(hp.head_dim)
     w.add_vocab_size(hp.n_vocab)
     w.add_string(HIDDEN_ACT_KEY.format(arch="llama"), ACTIVATIONS[hp.act])
+
+
+def field_item(field) -> tuple:
+    """A gguf.ReaderField as (value, value type, array item type or None): what
+    gguf.GGUFWriter.add_key_value takes, to copy a key from one file to another."""
+    import gguf
+
+    vtype = field.types[0]
+    sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+    return field.contents(), vtype, sub

@@ -81,6 +81,12 @@ def ffn_hidden(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
     raise ValueError(f"unknown activation {act!r}")
 
 
+def gguf_weights(path) -> dict[str, np.ndarray]:
+    """Every tensor of an F32/F16/BF16 GGUF as float32 arrays by name, in the shapes forward() takes."""
+    import gguf
+    return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+
+
 @dataclass
 class ForwardTrace:
     """What a forward pass saw per layer: FFN inputs (after norm) and active masks."""

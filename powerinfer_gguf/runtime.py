@@ -217,8 +217,8 @@ def _make_llama_class():
             return int(llama_cpp.llama_model_n_layer(self.model))
 
         def _n_ff(self) -> int:
-            return int(self.metadata.get(f"{self.metadata.get('general.architecture', 'llama')}"
-                                         ".feed_forward_length", 0))
+            arch = self.metadata.get("general.architecture", "llama")
+            return int(self.metadata.get(f"{arch}.feed_forward_length", 0))
 
     Llama.__module__ = "powerinfer_gguf"
     return Llama

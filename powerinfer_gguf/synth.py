@@ -182,9 +182,7 @@ def _copy_vocab(writer, vocab_file: Path) -> int:
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
+        value, vtype, sub = fmt.field_item(field)
         writer.add_key_value(name, value, vtype, sub)
         if name == "tokenizer.ggml.tokens":
             n_vocab = len(value)

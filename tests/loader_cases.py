@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from powerinfer_gguf.format import field_item
+
 
 @dataclass
 class Case:
@@ -36,9 +38,7 @@ def _rewrite(src: Path, dst: Path, kv: Callable | None = None, tensors: Callable
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        item = (f.contents(), vtype, sub)
+        item = field_item(f)
         if kv is not None:
             item = kv(name, *item)
             if item is None:

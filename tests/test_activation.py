@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from powerinfer_gguf.forward import forward
+from powerinfer_gguf.forward import forward, gguf_weights
 
 
 def _llama_logits(path, tokens, **kw):
@@ -14,10 +14,6 @@ def _llama_logits(path, tokens, **kw):
     llm.eval(list(tokens))
     return np.array(llm.scores[: len(tokens)])
 
-
-def _weights(path):
-    import gguf
-    return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +27,7 @@ def _check(path, hp, tokens, **kw):
     from dataclasses import replace
     got = _llama_logits(path, tokens, **kw)
     act = kw.get("kv_overrides", {}).get("llama.hidden_activation", hp.act)
-    want = forward(_weights(path), replace(hp, act=act), np.array(tokens))
+    want = forward(gguf_weights(path), replace(hp, act=act), np.array(tokens))
     err = np.abs(got - want).max()
     assert err < 2e-3 * max(1.0, np.abs(want).max()), err
     assert (got.argmax(-1) == want.argmax(-1)).mean() == 1.0

@@ -11,12 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from powerinfer_gguf.forward import forward
+from powerinfer_gguf.forward import forward, gguf_weights
 
-
-def _weights(path):
-    import gguf
-    return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
 
 
 def _llama_logits(path, tokens, **kw):
@@ -58,7 +54,7 @@ def test_dense_logits_match_numpy_of_the_original_weights(converted, name):
     """Our file (patched lib, dense path, neurons permuted hot->cold, down stored per neuron)
     computes what a numpy pass over the unpermuted HF weights computes."""
     res, rep = converted[name]
-    want = forward(_weights(res.path), res.hparams, np.array(TOKENS))
+    want = forward(gguf_weights(res.path), res.hparams, np.array(TOKENS))
     dense = {"powerinfer.runtime.sparse": False}  # a stock twin ignores the key
     for path in (rep.output, rep.stock):
         got = _llama_logits(path, TOKENS, kv_overrides=dense)
@@ -106,7 +102,7 @@ def test_silu_converts_dense_and_twin_matches(tmp_path):
     rep = convert(hf, tmp_path / "s.pi.gguf", outtype="f32", stock=tmp_path / "s.stock.gguf", progress=False,
                   log=lambda m: None)
     assert not rep.sparse and "dense only" in rep.summary()
-    want = forward(_weights(res.path), replace(res.hparams, act="silu"), np.array(TOKENS))
+    want = forward(gguf_weights(res.path), replace(res.hparams, act="silu"), np.array(TOKENS))
     for path in (rep.output, rep.stock):
         got = _llama_logits(path, TOKENS)
         assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max())
@@ -120,7 +116,7 @@ def test_half_precision_outputs_run_close(tmp_path, converted, outtype, tol):
     rep = convert(res.path.parent / "gqa-hf", tmp_path / "h.gguf", outtype=outtype, calib_tokens=512,
                   progress=False, log=lambda m: None)
     got = _llama_logits(rep.output, TOKENS)
-    want = forward(_weights(res.path), res.hparams, np.array(TOKENS))
+    want = forward(gguf_weights(res.path), res.hparams, np.array(TOKENS))
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
     assert np.abs(got - want).max() < tol * max(1.0, np.abs(want).max())
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from powerinfer_gguf.forward import forward
+from powerinfer_gguf.forward import forward, gguf_weights
 
 TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354, 1701, 29916, 432, 17204]
 
-
-def _weights(path):
-    import gguf
-    return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
 
 
 def _llm(path, **kw):
@@ -64,7 +60,7 @@ def test_sparse_matches_numpy_reference(tiny_pi):
     """The sparse path computes exactly the neurons the predictor selects (numpy, same rule), for
     decode (one token per eval) and for a many-token ubatch (sparse_max_tokens raised)."""
     res, ours, _ = tiny_pi
-    w = _weights(ours)
+    w = gguf_weights(ours)
     import gguf
     pact = gguf.GGUFReader(ours).fields["powerinfer.predictor.act"].contents()
 
