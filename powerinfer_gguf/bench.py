@@ -46,6 +46,7 @@ class ModelSizes:
     ffn_bytes: list[int]          # ffn_gate/up/down of blk.N
     pred_bytes: list[int] = field(default_factory=list)  # predictor fc1/fc2/threshold of blk.N
     sparse: "SparseProfile | None" = None                  # our sparse layout, when the file has it
+    freqs: list = field(default_factory=list)              # per layer: neuron frequencies, hot-to-cold
 
     @property
     def weight_bytes(self) -> int:
@@ -84,6 +85,7 @@ class ModelSizes:
         ffn = [0] * n_layer
         pred = [0] * n_layer
         firing = [0.0] * n_layer
+        freqs = [np.zeros(0)] * n_layer
         out = inp = 0
         for t in r.tensors:
             m = re.match(r"blk\.(\d+)\.", t.name)
@@ -95,7 +97,8 @@ class ModelSizes:
                 elif re.match(r"blk\.\d+\.pi_pred_", t.name):
                     pred[i] += int(t.n_bytes)
                 elif re.match(r"blk\.\d+\.pi_neuron_freq", t.name):
-                    firing[i] = float(np.asarray(t.data, dtype=np.float64).mean())
+                    freqs[i] = np.asarray(t.data, dtype=np.float64).copy()
+                    firing[i] = float(freqs[i].mean())
             elif t.name.startswith("token_embd"):
                 inp += int(t.n_bytes)
             else:
@@ -109,7 +112,7 @@ class ModelSizes:
                                    _float_list(r, Keys.PREDICTOR_PRECISION, n_layer))
         return cls(path, n_layer, int(kv("embedding_length")), n_head,
                    int(kv("attention.head_count_kv", n_head)), int(kv("feed_forward_length")),
-                   n_vocab, layer, out, inp, ffn, pred, sparse)
+                   n_vocab, layer, out, inp, ffn, pred, sparse, freqs if sparse else [])
 
     def decode_bytes_dense(self) -> int:
         """Weight bytes one decoded token reads on a dense engine: every weight but the token
@@ -129,6 +132,72 @@ class ModelSizes:
             fired, predicted = self.sparse.shares(i)
             total += self.n_ff * row * (predicted + 2 * fired)
         return int(total)
+
+
+    def layer_row_bytes(self, layer: int, predicted: np.ndarray, fired: np.ndarray) -> float:
+        """Expected bytes one token reads from FFN rows with these per-row probabilities: the
+        gate row when predicted, up and down rows when the neuron fires."""
+        row = self.ffn_bytes[layer] / (3 * self.n_ff)
+        return float(row * (predicted.sum() + 2 * fired.sum()))
+
+    def split_decode_bytes(self, gpu_rows: list[int], attn_gpu: list[bool], output_gpu: bool) -> tuple[int, int]:
+        """(CPU, GPU) weight bytes one decoded token reads on our engine under a placement:
+        per layer, attention + predictor where the layer runs, and the expected row reads of the
+        hot rows [0, h) on the GPU and of the cold rows on the CPU (per-neuron frequencies from
+        the file; predicted = fired / precision, the layer's held-out figures)."""
+        assert self.sparse is not None
+        cpu = self.input_bytes // max(1, self.n_vocab)
+        gpu = 0
+        for i in range(self.n_layer):
+            base = self.layer_bytes[i] - self.ffn_bytes[i]
+            f = self.freqs[i] * self.sparse.recall[i] if len(self.freqs[i]) else np.full(self.n_ff, self.sparse.firing[i])
+            prec = self.sparse.precision[i]
+            p = np.minimum(1.0, f / prec) if prec > 0 else np.ones_like(f)
+            h = gpu_rows[i]
+            hot = self.layer_row_bytes(i, p[:h], f[:h])
+            cold = self.layer_row_bytes(i, p[h:], f[h:])
+            if attn_gpu[i]:
+                gpu += base
+            else:
+                cpu += base
+            gpu += hot
+            cpu += cold
+        if output_gpu:
+            gpu += self.output_bytes
+        else:
+            cpu += self.output_bytes
+        return int(cpu), int(gpu)
+
+    def stock_split_bytes(self, gpu_layers: set[int], ffn_cpu_layers: set[int], output_gpu: bool) -> tuple[int, int]:
+        """(CPU, GPU) weight bytes one decoded token reads on stock llama.cpp: every weight of
+        the layers in gpu_layers from VRAM except the FFN of ffn_cpu_layers (-ot)."""
+        cpu = self.input_bytes // max(1, self.n_vocab)
+        gpu = 0
+        for i in range(self.n_layer):
+            attn = self.layer_bytes[i] - self.ffn_bytes[i]
+            if i in gpu_layers:
+                gpu += attn
+                if i in ffn_cpu_layers:
+                    cpu += self.ffn_bytes[i]
+                else:
+                    gpu += self.ffn_bytes[i]
+            else:
+                cpu += self.layer_bytes[i]
+        if output_gpu:
+            gpu += self.output_bytes
+        else:
+            cpu += self.output_bytes
+        return int(cpu), int(gpu)
+
+
+# Read speeds for the two-sided bound (bytes per token / speed, summed over the sides): host RAM
+# streams ~90 GB/s on the H100 machine (../shared/MEASURED.md), H100 HBM3 ~3 TB/s in practice.
+CPU_READ_GBPS = 90.0
+GPU_READ_GBPS = 3000.0
+
+
+def two_sided_seconds(cpu_bytes: int, gpu_bytes: int) -> float:
+    return cpu_bytes / (CPU_READ_GBPS * 1e9) + gpu_bytes / (GPU_READ_GBPS * 1e9)
 
 
 @dataclass
@@ -220,20 +289,55 @@ def compute_buffer_estimate(sizes: ModelSizes, n_ctx: int, n_ubatch: int, output
 def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 512) -> Offload:
     """The largest -ngl whose weights + KV cache + compute buffer fit ``budget`` bytes.
 
-    llama.cpp offloads the *last* ngl repeating layers (and, at ngl = n_layer + 1, the output
-    layer); each offloaded layer also keeps its KV cache on the GPU. The token embedding stays on
-    the CPU. A CPU-only machine or budget 0 gives ngl 0."""
+    llama.cpp's order (src/llama-model.cpp load_tensors): -ngl 1 puts the output layer on the
+    GPU, each further one the next repeating layer from the last; each offloaded layer keeps its
+    KV cache on the GPU. The token embedding stays on the CPU. Budget 0 gives ngl 0."""
     best = Offload(0, 0, 0, 0)
     kv = sizes.kv_bytes_per_layer(n_ctx)
     for ngl in range(1, sizes.n_layer + 2):
-        n_rep = min(ngl, sizes.n_layer)
-        w = sum(sizes.layer_bytes[sizes.n_layer - n_rep:]) + (sizes.output_bytes if ngl > sizes.n_layer else 0)
-        plan = Offload(ngl, w, kv * n_rep,
-                       compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), ngl > sizes.n_layer))
+        n_rep = ngl - 1
+        w = sum(sizes.layer_bytes[sizes.n_layer - n_rep:]) + sizes.output_bytes
+        plan = Offload(ngl, w, kv * n_rep, compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True))
         if plan.gpu_bytes > budget:
             break
         best = plan
     return best
+
+
+@dataclass
+class OverridePlan:
+    """Stock's other way to use a small GPU (-ot): every layer's attention and KV cache and the
+    output layer on the GPU (-ngl all), the FFN weights of the first ``ffn_cpu`` layers kept in
+    CPU memory by tensor overrides (the rest on the GPU too)."""
+
+    ffn_cpu: int
+    weight_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.compute_bytes
+
+    def args(self, n_layer: int) -> list[str]:
+        args = ["-ngl", str(n_layer + 1)]
+        if self.ffn_cpu:
+            layers = "|".join(str(i) for i in range(self.ffn_cpu))
+            args += ["-ot", f"blk\\.({layers})\\.ffn_(gate|up|down)\\.weight=CPU"]
+        return args
+
+
+def stock_override(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 512) -> "OverridePlan | None":
+    """The -ot plan that keeps the fewest FFN layers on the CPU within ``budget``; None when
+    attention, KV and output alone do not fit."""
+    kv = sizes.kv_bytes_per_layer(n_ctx) * sizes.n_layer
+    attn = sum(b - f for b, f in zip(sizes.layer_bytes, sizes.ffn_bytes)) + sizes.output_bytes
+    comp = compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True)
+    for m in range(sizes.n_layer + 1):
+        plan = OverridePlan(m, attn + sum(sizes.ffn_bytes[m:]), kv, comp)
+        if plan.gpu_bytes <= budget:
+            return plan
+    return None
 
 
 # --- running llama-bench ----------------------------------------------------------------------
@@ -248,6 +352,9 @@ class SideResult:
     strategy: str                  # e.g. "-ngl 12"
     gpu_bytes: int
     decode_bytes: int = 0          # weight bytes one decoded token reads (expected)
+    cpu_bytes: int = 0             # ... of which from CPU memory
+    gpu_bytes_read: int = 0        # ... and from GPU memory
+    placement: "Placement | None" = None  # ours under a budget: the planner's decision
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
 
@@ -272,7 +379,10 @@ class SideResult:
                 "pp_samples": self.pp_samples, "tg_samples": self.tg_samples,
                 "strategy": self.strategy, "gpu_bytes": self.gpu_bytes, "binary": self.binary,
                 "model": self.model, "args": self.args, "decode_bytes": self.decode_bytes,
-                "decode_gbps": tg * self.decode_bytes / 1e9}
+                "decode_gbps": tg * self.decode_bytes / 1e9, "cpu_bytes_per_token": self.cpu_bytes,
+                "gpu_bytes_per_token": self.gpu_bytes_read,
+                "bound_seconds_per_token": two_sided_seconds(self.cpu_bytes, self.gpu_bytes_read),
+                **({"placement": asdict(self.placement)} if self.placement else {})}
 
 
 @dataclass
@@ -296,20 +406,67 @@ class BenchResult:
             d["ratio_tg"] = self.sides["ours"].tg_tps / self.sides["stock"].tg_tps
             if self.sides["stock"].pp_tps:
                 d["ratio_pp"] = self.sides["ours"].pp_tps / self.sides["stock"].pp_tps
-            if self.sides["ours"].decode_bytes:
+            st, ours = self.sides["stock"], self.sides["ours"]
+            if self.budget_bytes > 0 and ours.cpu_bytes + ours.gpu_bytes_read:
+                # two-sided bound: bytes from CPU memory at CPU_READ_GBPS plus bytes from VRAM at
+                # GPU_READ_GBPS, per token, stock's over ours
+                d["bound_tg"] = (two_sided_seconds(st.cpu_bytes, st.gpu_bytes_read)
+                                 / two_sided_seconds(ours.cpu_bytes, ours.gpu_bytes_read))
+                d["share_of_bound"] = d["ratio_tg"] / d["bound_tg"]
+            elif ours.decode_bytes:
                 # bytes-per-token bound: the ratio if both sides read weights at the same speed
-                d["bound_tg"] = self.sides["stock"].decode_bytes / self.sides["ours"].decode_bytes
+                d["bound_tg"] = st.decode_bytes / ours.decode_bytes
                 d["share_of_bound"] = d["ratio_tg"] / d["bound_tg"]
         return d
 
 
+@dataclass
+class Placement:
+    """Our planner's decision, as llama.cpp logs it (src/llama-powerinfer-placement.cpp)."""
+
+    layers: int            # layers whose attention, predictor and KV are on the GPU (the last ones)
+    output: bool           # output layer on the GPU
+    base_gib: float        # those weights + KV
+    rows_gib: float        # hot FFN rows on the GPU
+    mass: float            # share of the offloaded layers' activation mass in those rows
+    gpu_rows: list[int]    # per layer: FFN rows in GPU memory
+
+    @property
+    def gpu_bytes(self) -> int:
+        return int((self.base_gib + self.rows_gib) * GiB)
+
+    def describe(self, n_layer: int) -> str:
+        return (f"{self.layers}/{n_layer} layers{' + output' if self.output else ''} on GPU, "
+                f"hot rows {self.rows_gib:.2f} GiB ({self.mass:.0f}% of mass)")
+
+
+def parse_placement(log: list[str], n_layer: int) -> "Placement | None":
+    head = rows = None
+    for line in log:
+        if "powerinfer: VRAM budget" in line:
+            head = re.search(r"(\d+) of (\d+) layers on the GPU \(.*?\)( \+ output)?, ([\d.]+) GiB; hot FFN rows "
+                             r"([\d.]+) GiB \(([\d.]+)%", line)
+        elif "powerinfer: GPU rows per layer" in line:
+            rows = dict((int(a), int(b)) for a, b in re.findall(r"(\d+):(\d+)", line.split(")", 1)[1]))
+    if head is None or rows is None:
+        return None
+    return Placement(int(head.group(1)), bool(head.group(3)), float(head.group(4)), float(head.group(5)),
+                     float(head.group(6)), [rows.get(i, 0) for i in range(n_layer)])
+
+
 def llama_bench_once(binary: str, model: str, args: list[str], n_prompt: int, n_gen: int,
-                     threads: int) -> tuple[float | None, float | None]:
-    """One repetition of llama-bench (its own warm-up included); returns (pp t/s, tg t/s)."""
+                     threads: int, log: list[str] | None = None) -> tuple[float | None, float | None]:
+    """One repetition of llama-bench (its own warm-up included); returns (pp t/s, tg t/s).
+    ``log`` gets llama.cpp's log lines (stderr)."""
     cmd = [binary, "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
            "-r", "1", "-o", "json", *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
+    if log is not None:
+        log[:] = r.stderr.splitlines()
     if r.returncode != 0:
+        for line in r.stderr.splitlines():
+            if "powerinfer:" in line and ("budget" in line or "vram" in line.lower()):
+                raise RuntimeError(f"{Path(binary).name} failed on {model}: {line.split('powerinfer:', 1)[1].strip()}")
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{Path(binary).name} failed on {model}: {last}")
     try:
@@ -355,28 +512,66 @@ def run_bench(model: str, stock_model: str | None = None, budget: str | int = 0,
     n_ctx = n_prompt + n_gen
     sides: dict[str, SideResult] = {}
     if stock_sizes is not None:
-        plan = stock_offload(stock_sizes, budget_bytes, n_ctx)
+        # Stock's two ways to use a small GPU, both run; the faster one is "stock" (see below).
         # Both sides load the weights into memory (-lm none, no mmap): faster for both on the CPU
         # (stock 3B here 3.23 vs 2.95 t/s mmapped), and ours needs it for 2 MB pages (patches/0006).
-        sides["stock"] = SideResult("stock", str(bin_path("stock", "llama-bench")), stock_path,
-                                    ["-ngl", str(plan.ngl), "-lm", "none"], f"-ngl {plan.ngl}/{stock_sizes.n_layer + 1}",
-                                    plan.gpu_bytes, stock_sizes.decode_bytes_dense())
+        L = stock_sizes.n_layer
+        plan = stock_offload(stock_sizes, budget_bytes, n_ctx)
+        n_rep = max(0, plan.ngl - 1)
+        c, g = stock_sizes.stock_split_bytes(set(range(L - n_rep, L)), set(), plan.ngl > 0)
+        side = SideResult("stock", str(bin_path("stock", "llama-bench")), stock_path,
+                          ["-ngl", str(plan.ngl), "-lm", "none"], f"-ngl {plan.ngl}/{L + 1}",
+                          plan.gpu_bytes, stock_sizes.decode_bytes_dense(), cpu_bytes=c, gpu_bytes_read=g)
+        sides["stock"] = side
+        ot = stock_override(stock_sizes, budget_bytes, n_ctx) if budget_bytes > 0 else None
+        if ot is not None and plan.ngl <= L:  # (at ngl L+1 everything is on the GPU already)
+            c, g = stock_sizes.stock_split_bytes(set(range(L)), set(range(ot.ffn_cpu)), True)
+            sides["stock_ot"] = SideResult(
+                "stock_ot", str(bin_path("stock", "llama-bench")), stock_path, ot.args(L) + ["-lm", "none"],
+                f"-ot: attention+KV+output on GPU, FFN of {ot.ffn_cpu}/{L} layers on CPU", ot.gpu_bytes,
+                stock_sizes.decode_bytes_dense(), cpu_bytes=c, gpu_bytes_read=g)
     if ours_file:
+        args = ["-ngl", "0", "-lm", "none"]
+        strategy = "sparse FFN, CPU"
         if budget_bytes > 0:
-            # hot rows on the GPU are issue 6; stock alone at this budget is still a valid run
-            raise ValueError("our side places FFN rows on the CPU only in this build: use "
-                             "--vram-budget 0 (or bench the stock twin alone for a GPU sweep)")
-        sides["ours"] = SideResult("ours", str(bin_path("patched", "llama-bench")), model,
-                                   ["-ngl", "0", "-lm", "none"], "sparse FFN, CPU", 0, sizes.decode_bytes_sparse())
+            # -v: llama-bench passes llama.cpp's log on only when verbose, and the planner's decision
+            # (and any refusal of the budget) is in it
+            args = ["-ngl", "99", "-lm", "none", "-v",
+                    "--override-kv", f"{Keys.Runtime.VRAM_BUDGET}=int:{budget_bytes}",
+                    "--override-kv", f"{Keys.Runtime.VRAM_CTX}=int:{n_ctx}"]
+            strategy = "planned at load"
+        c = sizes.decode_bytes_sparse()
+        sides["ours"] = SideResult("ours", str(bin_path("patched", "llama-bench")), model, args, strategy, 0, c,
+                                   cpu_bytes=c, gpu_bytes_read=0)
     for rep in range(repetitions):
-        for side in sides.values():
-            pp, tg = llama_bench_once(side.binary, side.model, side.args, n_prompt, n_gen, threads)
+        # ours first: a budget llama.cpp refuses fails the run before stock has spent its time
+        for side in sorted(sides.values(), key=lambda x: x.name != "ours"):
+            log: list[str] = []
+            pp, tg = llama_bench_once(side.binary, side.model, side.args, n_prompt, n_gen, threads, log)
+            if side.name == "ours" and budget_bytes > 0 and rep == 0:
+                side.placement = parse_placement(log, sizes.n_layer)
+                if side.placement is not None:
+                    pl = side.placement
+                    side.strategy = pl.describe(sizes.n_layer)
+                    side.gpu_bytes = pl.gpu_bytes
+                    side.cpu_bytes, side.gpu_bytes_read = sizes.split_decode_bytes(
+                        pl.gpu_rows, [i >= sizes.n_layer - pl.layers for i in range(sizes.n_layer)], pl.output)
+                    side.decode_bytes = side.cpu_bytes + side.gpu_bytes_read
             if pp is not None:
                 side.pp_samples.append(pp)
             if tg is not None:
                 side.tg_samples.append(tg)
             progress(f"[{rep + 1}/{repetitions}] {side.name}: "
                      + (f"pp{n_prompt} {pp:.2f} t/s  " if pp else "") + (f"tg{n_gen} {tg:.2f} t/s" if tg else ""))
+    if "stock_ot" in sides and sides["stock_ot"].tg_tps > sides["stock"].tg_tps:
+        # the table and the ratio use stock's faster way at this budget
+        sides["stock"], sides["stock_ot"] = sides["stock_ot"], sides["stock"]
+        sides["stock"].name, sides["stock_ot"].name = "stock", "stock_alt"
+    elif "stock_ot" in sides:
+        sides["stock_ot"].name = "stock_alt"
+    if "stock_ot" in sides:
+        sides["stock_alt"] = sides.pop("stock_ot")
+        sides = {k: sides[k] for k in ("stock", "stock_alt", "ours") if k in sides}
     return BenchResult(model, budget_bytes, threads, n_prompt, n_gen, repetitions, ref.weight_bytes, sides)
 
 
@@ -392,13 +587,18 @@ def render_table(res: BenchResult) -> str:
         pp = f"{d['pp_tps']:.2f} ± {d['pp_sd']:.2f}" if s.pp_samples else "-"
         tg = f"{d['tg_tps']:.2f} ± {d['tg_sd']:.2f}" if s.tg_samples else "-"
         gbps = f"{d['decode_gbps']:.1f}" if s.tg_samples else "-"
-        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} | "
-                     f"{s.decode_bytes / 1e9:.3f} | {gbps} |")
+        read = (f"{s.cpu_bytes / 1e9:.2f} CPU + {s.gpu_bytes_read / 1e9:.2f} GPU" if res.budget_bytes > 0
+                else f"{s.decode_bytes / 1e9:.3f}")
+        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} | {read} | {gbps} |")
     j = res.to_json()
+    if "stock_alt" in res.sides:
+        lines.append(f"\nstock at this budget: the faster of -ngl and -ot, both run: {res.sides['stock'].strategy}")
     if "ratio_tg" in j:
         lines.append(f"\ndecode ratio ours/stock: {j['ratio_tg']:.2f}x")
     if "bound_tg" in j:
-        lines.append(f"bytes-per-token bound: {j['bound_tg']:.2f}x; reached {100 * j['share_of_bound']:.0f}% of it")
+        kind = (f"two-sided bound (CPU {CPU_READ_GBPS:.0f} GB/s, GPU {GPU_READ_GBPS:.0f} GB/s)"
+                if res.budget_bytes > 0 else "bytes-per-token bound")
+        lines.append(f"{kind}: {j['bound_tg']:.2f}x; reached {100 * j['share_of_bound']:.0f}% of it")
     if "ratio_pp" in j:
         lines.append(f"prompt ratio ours/stock: {j['ratio_pp']:.2f}x")
     return "\n".join(lines)
@@ -417,7 +617,8 @@ def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
                            (axes[1], "tg", f"decode (tg{res.n_gen})")):
         vals = [res.sides[n].summary()[f"{key}_tps"] for n in names]
         sds = [res.sides[n].summary()[f"{key}_sd"] for n in names]
-        bars = ax.bar(names, vals, yerr=sds, capsize=4, color=["#888888", "#d62728"][:len(names)])
+        bars = ax.bar(names, vals, yerr=sds, capsize=4,
+                      color=["#d62728" if n == "ours" else "#888888" for n in names])
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom")
         ax.set_title(title)
@@ -433,6 +634,89 @@ def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
 def write_json(res: BenchResult, path: str | os.PathLike) -> None:
     tmp = Path(str(path) + ".part")
     tmp.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --- budget sweep ---------------------------------------------------------------------------------
+
+
+def run_sweep(model: str, stock_model: str | None, budgets: list[str], **kw) -> list[BenchResult]:
+    """run_bench at each budget in turn ("0", "10%", "8GiB", ...)."""
+    if not budgets:
+        raise ValueError("--sweep needs at least one budget")
+    return [run_bench(model, stock_model, b, **kw) for b in budgets]
+
+
+def render_sweep_table(results: list[BenchResult]) -> str:
+    r0 = results[0]
+    lines = [f"model: {r0.model} ({r0.weight_bytes / GiB:.2f} GiB of weights), {r0.threads} threads, "
+             f"tg{r0.n_gen}, {r0.repetitions} repetitions", "",
+             "| budget | share of weights | stock (its best way) | stock t/s | ours placement | ours t/s | ratio | bound |",
+             "|---:|---:|---|---:|---|---:|---:|---:|"]
+    for r in results:
+        j = r.to_json()
+        st, ours = r.sides.get("stock"), r.sides.get("ours")
+        lines.append(f"| {r.budget_bytes / GiB:.2f} GiB | {100 * r.budget_bytes / r.weight_bytes:.0f}% | "
+                     f"{st.strategy if st else '-'} | {st.tg_tps if st else 0:.2f} | "
+                     f"{ours.strategy if ours else '-'} | {ours.tg_tps if ours else 0:.2f} | "
+                     f"{j.get('ratio_tg', 0):.2f}x | {j.get('bound_tg', 0):.2f}x |")
+    return "\n".join(lines)
+
+
+def render_sweep_plot(results: list[BenchResult], path: str | os.PathLike) -> None:
+    """Decode tokens/s against the VRAM budget, stock and ours, ratios annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * r.budget_bytes / r.weight_bytes for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, color in (("stock", "#888888"), ("ours", "#d62728")):
+        ys = [r.sides[name].tg_tps if name in r.sides else float("nan") for r in results]
+        ax.plot(x, ys, "o-", color=color, label=name)
+    for r, xi in zip(results, x):
+        j = r.to_json()
+        if "ratio_tg" in j:
+            ax.annotate(f"{j['ratio_tg']:.1f}x", (xi, r.sides["ours"].tg_tps), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("VRAM budget, % of the model's weights")
+    ax.set_ylabel(f"decode tokens/s (tg{results[0].n_gen})")
+    ax.set_title(f"{Path(results[0].model).name}: decode speed under a VRAM budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(path) + ".part.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_results(path: str | os.PathLike) -> list[BenchResult]:
+    """BenchResults back from write_json / write_sweep_json output (to re-render a table or plot
+    of a run made elsewhere, e.g. on the GPU machine)."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    for d in data if isinstance(data, list) else [data]:
+        sides = {}
+        for name in ("stock", "stock_alt", "ours"):
+            if name not in d:
+                continue
+            x = d[name]
+            pl = x.get("placement")
+            sides[name] = SideResult(name, x["binary"], x["model"], x["args"], x["strategy"], x["gpu_bytes"],
+                                     x.get("decode_bytes", 0), x.get("cpu_bytes_per_token", 0),
+                                     x.get("gpu_bytes_per_token", 0), Placement(**pl) if pl else None,
+                                     list(x["pp_samples"]), list(x["tg_samples"]))
+        out.append(BenchResult(d["model"], d["budget_bytes"], d["threads"], d["n_prompt"], d["n_gen"],
+                               d["repetitions"], d["weight_bytes"], sides))
+    return out
+
+
+def write_sweep_json(results: list[BenchResult], path: str | os.PathLike) -> None:
+    tmp = Path(str(path) + ".part")
+    tmp.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
     os.replace(tmp, path)
 
 

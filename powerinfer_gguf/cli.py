@@ -49,9 +49,12 @@ def setup_cmd(jobs, no_python):
               help="also write the same weights as an HF checkpoint folder (sharded per layer)")
 @click.option("--calib-tokens", type=int, default=None, help="tokens that set the firing biases")
 @click.option("--heldout-tokens", type=int, default=None, help="tokens that measure the result")
+@click.option("--pi", "pi_out", type=click.Path(dir_okay=False), default=None,
+              help="also write our sparse layout of the same weights (ranked rows, predictors from the "
+                   "generator's low-rank gate): OUTPUT is then its stock twin")
 @one_line_errors
 def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, layers, hf_dir,
-              calib_tokens, heldout_tokens):
+              calib_tokens, heldout_tokens, pi_out):
     """Write a synthetic power-law ReLU LLaMA model (GGUF) that really fires as asked."""
     from dataclasses import replace
 
@@ -64,10 +67,11 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
         hp = replace(hp, n_layer=layers)
     res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
                      target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
-                     hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens)
+                     hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, pi_out=pi_out)
     click.echo(res.profile.table())
     click.echo(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB, {outtype}) in {res.seconds:.1f} s"
-               + (f"; HF checkpoint in {hf_dir}" if hf_dir else ""))
+               + (f"; HF checkpoint in {hf_dir}" if hf_dir else "")
+               + (f"; our sparse layout in {pi_out}" if pi_out else ""))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,12 +86,30 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="write a bar chart (PNG)")
+@click.option("--sweep", default=None,
+              help="comma-separated budgets (e.g. 0,10%,20%,40%,70%,100%): one run each, a table and "
+                   "(--plot) decode speed against the budget")
 @one_line_errors
-def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path):
+def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, sweep):
     """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
 
-    MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone."""
+    MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
+    GPU, stock runs both of its ways to use a small GPU (-ngl layer offload, -ot attention on the
+    GPU and FFN on the CPU) and the faster one is compared."""
     from . import bench
+
+    if sweep:
+        results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],
+                                  threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                                  progress=lambda m: click.echo(m, err=True))
+        for r in results:
+            click.echo(bench.render_table(r) + "\n")
+        click.echo(bench.render_sweep_table(results))
+        if json_path:
+            bench.write_sweep_json(results, json_path)
+        if plot_path:
+            bench.render_sweep_plot(results, plot_path)
+        return
 
     res = bench.run_bench(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions,
                           progress=lambda m: click.echo(m, err=True))

@@ -30,6 +30,10 @@ class Keys:
         SPARSE = f"{NAMESPACE}.runtime.sparse"                    # bool, default true: sparse decode FFN
         ALL_ACTIVE = f"{NAMESPACE}.runtime.all_active"            # bool, default false: every neuron computed
         SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default all: ubatch size limit
+        # placement (patches/0007): never in files, only kv overrides
+        VRAM_BUDGET = f"{NAMESPACE}.runtime.vram_budget"          # int bytes; -1 = auto; absent = -ngl as given
+        VRAM_CTX = f"{NAMESPACE}.runtime.vram_ctx"                # int, tokens the KV reserve is sized for
+        DEV_ROWS = f"{NAMESPACE}.runtime.dev_rows"                # int, tests: split every layer's FFN here
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class NotPatchedError(RuntimeError):
@@ -87,6 +88,22 @@ class LayerStats:
         return self.fired / self.predicted if self.predicted else 0.0
 
 
+class _PlacementC(ctypes.Structure):
+    # include/llama-powerinfer.h: struct llama_pi_layer_placement
+    _fields_ = [(name, ctypes.c_int32) for name in ("n_rows", "gpu_rows", "attn_gpu", "split")]
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Where one layer's weights live after load (the VRAM-budget planner's decision)."""
+
+    layer: int
+    neurons: int       # FFN rows (n_ff)
+    gpu_rows: int      # the hottest rows, held in GPU memory; the rest in CPU memory
+    attn_gpu: bool     # attention, predictor and KV cache on the GPU
+    split: bool        # the FFN runs as a GPU part and a CPU part, added
+
+
 def _bind_sparse_api(lib) -> None:
     if getattr(lib, "_pi_sparse_bound", False):
         return
@@ -96,6 +113,8 @@ def _bind_sparse_api(lib) -> None:
     lib.llama_pi_get_layer_stats.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(_LayerStatsC)]
     lib.llama_pi_reset_stats.restype = None
     lib.llama_pi_reset_stats.argtypes = [ctypes.c_void_p]
+    lib.llama_pi_get_layer_placement.restype = ctypes.c_int32
+    lib.llama_pi_get_layer_placement.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(_PlacementC)]
     lib._pi_sparse_bound = True
 
 
@@ -145,7 +164,11 @@ def _make_llama_class():
         server) works as it does there; our options reach llama.cpp as kv overrides, so the
         binding is upstream's. A file without our metadata runs exactly as stock.
 
-        vram_budget: bytes or a size string ("8GiB", "40%", "auto"); 0 runs on the CPU only.
+        vram_budget: bytes or a size string ("8GiB", "40%" of the weights, "auto": free VRAM less
+            a margin); 0 runs on the CPU only. Above 0, llama.cpp's planner (patches/0007) puts
+            attention, KV cache and predictors of as many layers as fit on the GPU, then the
+            hottest FFN rows; the rest stays in CPU memory. It logs its decision;
+            ``placement()`` returns it. The KV reserve is sized for n_ctx.
         sparse: False computes the FFN densely over the same weights (the reference).
         all_active: compute every neuron on the sparse path (checks sparse == dense).
         use_mmap defaults to False here (upstream: True): see patches/0006.
@@ -158,14 +181,22 @@ def _make_llama_class():
                      all_active: bool = False, sparse_max_tokens: int | None = None,
                      kv_overrides: dict | None = None, **kwargs):
             check_patched()
-            budget = parse_size(vram_budget)
-            if budget != 0:
-                # GPU placement of hot neurons is issue 6; a silent CPU fallback would mislead.
-                raise ValueError(f"vram_budget={vram_budget!r}: this build places FFN rows on the CPU "
-                                 "only; use vram_budget=0")
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
-            kwargs["n_gpu_layers"] = 0
+            auto = str(vram_budget).strip().lower() == "auto"
+            if auto:
+                budget = -1
+            else:
+                ref = None
+                if str(vram_budget).strip().endswith("%"):
+                    from .bench import ModelSizes
+                    if not Path(model_path).is_file():
+                        raise ValueError(f"{model_path}: no such model file")
+                    ref = ModelSizes.from_gguf(model_path).weight_bytes
+                budget = parse_size(vram_budget, ref)
+                if budget < 0:
+                    raise ValueError(f"vram_budget={vram_budget!r}: cannot be negative")
+            kwargs["n_gpu_layers"] = -1 if budget != 0 else 0
             # Weights read into our own buffer, not memory-mapped: only there can they get 2 MB pages
             # (patches/0006), which the sparse FFN's scattered row reads need (docs/NOTES.md).
             kwargs.setdefault("use_mmap", False)
@@ -177,6 +208,11 @@ def _make_llama_class():
                 if not 0 <= int(sparse_max_tokens) <= 1 << 20:
                     raise ValueError(f"sparse_max_tokens={sparse_max_tokens}: must be within 0..1048576")
                 overrides.setdefault(Keys.Runtime.SPARSE_MAX_TOKENS, int(sparse_max_tokens))
+            if budget != 0:
+                overrides.setdefault(Keys.Runtime.VRAM_BUDGET, int(budget))
+                n_ctx = int(kwargs.get("n_ctx", 512) or 0)
+                if n_ctx > 0:
+                    overrides.setdefault(Keys.Runtime.VRAM_CTX, n_ctx)
             self.vram_budget = budget
             with _LoadErrors() as errors:
                 try:
@@ -204,6 +240,18 @@ def _make_llama_class():
                 if lib.llama_pi_get_layer_stats(self.model, il, ctypes.byref(st)) != 0:
                     return []
                 out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired)))
+            return out
+
+        def placement(self) -> list[LayerPlacement]:
+            """Per layer: FFN rows in GPU memory, whether attention is on the GPU, whether the FFN
+            is split. Empty for a file without our layout."""
+            lib = llama_cpp.llama_cpp._lib
+            out = []
+            for il in range(self._n_layer()):
+                p = _PlacementC()
+                if lib.llama_pi_get_layer_placement(self.model, il, ctypes.byref(p)) != 0:
+                    return []
+                out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split)))
             return out
 
         def close(self) -> None:

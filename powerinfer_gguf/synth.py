@@ -50,6 +50,8 @@ BIAS_CHANNEL = 0
 ATTN_OUT_RMS = 0.5   # rms that attention adds to the residual per layer
 FFN_OUT_RMS = 0.5    # ... and the FFN
 GATE_NOISE = 0.05    # variance of the gate's full-rank noise, relative to its low-rank signal
+PRED_Z = 1.9         # --pi: predictor threshold at -PRED_Z sd of the gate noise it does not see ...
+PRED_RECALL = 0.99   # ... which keeps at least this share of firing neurons
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,23 @@ def _tensor_plan(hp: Hparams) -> list[tuple[str, tuple[int, ...]]]:
     return plan
 
 
+def _pi_tensor_plan(hp: Hparams, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Our sparse layout of the same model (docs/FORMAT.md), in file order."""
+    d, f = hp.n_embd, hp.n_ff
+    T = fmt.Tensors
+    plan: list[tuple[str, tuple[int, ...]]] = []
+    for name, shape in _tensor_plan(hp):
+        if not name.endswith("ffn_down.weight"):
+            plan.append((name, shape))
+            continue
+        il = int(name.split(".")[1])
+        plan += [(T.FFN_DOWN_T.format(il), (f, d)), (T.PRED_FC1.format(il), (rank, d)),
+                 (T.PRED_FC2.format(il), (f, rank)), (T.PRED_THRESHOLD.format(il), (f,)),
+                 (T.NEURON_FREQ.format(il), (f,))]
+    # a layer's file order: ..., gate, up, down_t, fc1, fc2, threshold, freq (as synthesize writes)
+    return plan
+
+
 def _store_dtype(name: str, shape: tuple[int, ...], outtype: str) -> type:
     # Norms stay F32, as llama.cpp's converter writes them.
     return np.float32 if len(shape) == 1 or outtype == "f32" else np.float16
@@ -205,8 +224,14 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
                gate_rank: int | None = None, calib_tokens: int | None = None,
                heldout_tokens: int | None = None, vocab: str = "llama-spm",
                hparams: Hparams | None = None, hf_dir: str | os.PathLike | None = None,
-               progress: bool = True) -> SynthResult:
-    """Write a synthetic model GGUF (and optionally an HF checkpoint of the same weights)."""
+               pi_out: str | os.PathLike | None = None, progress: bool = True) -> SynthResult:
+    """Write a synthetic model GGUF (and optionally an HF checkpoint of the same weights).
+
+    ``pi_out``: also write our sparse layout of the same weights (what pi-convert would make of
+    the HF checkpoint), in the same pass: neurons ranked by their planted firing rates, down
+    stored row per neuron, and as predictor the generator's own low-rank gate signal (the gate
+    minus its full-rank noise) with a threshold at -PRED_Z noise deviations, measured on held-out
+    tokens like pi-convert's. Minutes instead of pi-convert's ~20 at 7B: device-sized runs."""
     import gguf
     from tqdm import tqdm
 
@@ -224,6 +249,8 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     hp = replace(hp, act=act)
     if hp.n_embd % hp.n_head or hp.n_head % hp.n_head_kv or hp.head_dim % 2:
         raise ValueError(f"inconsistent heads: n_embd {hp.n_embd}, n_head {hp.n_head}, n_head_kv {hp.n_head_kv}")
+    if pi_out is not None and outtype not in ("f32", "f16"):
+        raise ValueError(f"--pi writes f32 or f16 (quantize it with pi-quantize), not {outtype}")
     if outtype.startswith("q") and (hp.n_embd % 32 or hp.n_ff % 32):
         raise ValueError(f"{outtype} needs n_embd and n_ff divisible by 32 (got {hp.n_embd}, {hp.n_ff})")
     big = hp.n_embd >= 4096
@@ -242,32 +269,59 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     f16_path = out if outtype in ("f32", "f16") else out.with_name(out.name + ".f16.tmp")
     tmp = f16_path.with_name(f16_path.name + ".part")
     hf: HFCheckpointWriter | None = None
+    pi_path = Path(pi_out) if pi_out is not None else None
+    pi_tmp = pi_path.with_name(pi_path.name + ".part") if pi_path is not None else None
+    pw = None
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         n_vocab = _copy_vocab(w, vocab_file)
         hp = replace(hp, n_vocab=n_vocab)
         if hf_dir is not None:
             hf = HFCheckpointWriter(Path(hf_dir), hp, vocab_file, outtype)
-        fmt.write_llama_kv(w, hp, f"powerinfer-synth-{preset}")
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-        w.add_uint32(fmt.Keys.FORMAT_VERSION, fmt.FORMAT_VERSION)
         K = fmt.Keys.Synth
-        w.add_string(K.PRESET, preset if hparams is None else "custom")
-        w.add_uint32(K.SEED, seed)
-        w.add_float32(K.FIRING_MEAN_TARGET, target.mean)
-        w.add_float32(K.HOT_SHARE_TARGET, target.hot_share)
-        w.add_float32(K.HOT_MASS_TARGET, target.hot_mass)
-        w.add_float32(K.FIRING_MEAN, -1.0)  # measured values are patched in at the end
-        w.add_float32(K.HOT_MASS, -1.0)
-        w.add_uint32(K.GATE_RANK, gate_rank)
-        w.add_uint32(K.BIAS_CHANNEL, BIAS_CHANNEL)
+
+        def header(wr, ours: bool) -> None:
+            fmt.write_llama_kv(wr, hp, f"powerinfer-synth-{preset}")
+            wr.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+            wr.add_uint32(fmt.Keys.FORMAT_VERSION, fmt.FORMAT_VERSION)
+            wr.add_string(K.PRESET, preset if hparams is None else "custom")
+            wr.add_uint32(K.SEED, seed)
+            wr.add_float32(K.FIRING_MEAN_TARGET, target.mean)
+            wr.add_float32(K.HOT_SHARE_TARGET, target.hot_share)
+            wr.add_float32(K.HOT_MASS_TARGET, target.hot_mass)
+            wr.add_float32(K.FIRING_MEAN, -1.0)  # measured values are patched in at the end
+            wr.add_float32(K.HOT_MASS, -1.0)
+            wr.add_uint32(K.GATE_RANK, gate_rank)
+            wr.add_uint32(K.BIAS_CHANNEL, BIAS_CHANNEL)
+            if ours:
+                P = fmt.Keys
+                wr.add_bool(P.SPARSE, True)
+                wr.add_string(P.FFN_DOWN_LAYOUT, "neuron_rows")
+                wr.add_string(P.PREDICTOR_ACT, "none")
+                wr.add_float32(P.PREDICTOR_RECALL_TARGET, PRED_RECALL)
+                wr.add_array(P.PREDICTOR_RECALL, [-1.0] * hp.n_layer)     # measured, patched in
+                wr.add_array(P.PREDICTOR_PRECISION, [-1.0] * hp.n_layer)
+                wr.add_uint32(P.CALIB_TOKENS, n_cal_seq * seq_len)
+
+        def begin(wr, tensors) -> None:
+            for name, shape in tensors:
+                dt = _store_dtype(name, shape, outtype)
+                wr.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
+            wr.write_header_to_file()
+            wr.write_kv_data_to_file()
+            wr.write_ti_data_to_file()
+
+        header(w, False)
         plan = _tensor_plan(hp)
-        for name, shape in plan:
-            dt = _store_dtype(name, shape, outtype)
-            w.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        begin(w, plan)
+        pi_plan = _pi_tensor_plan(hp, gate_rank + 1) if pi_path is not None else []
+        if pi_path is not None:
+            pw = gguf.GGUFWriter(pi_tmp, "llama")
+            _copy_vocab(pw, vocab_file)
+            header(pw, True)
+            begin(pw, pi_plan)
+        pi_recall: list[float] = []
+        pi_precision: list[float] = []
 
         def put(name: str, arr: np.ndarray) -> None:
             expect_name, expect_shape = plan[len(put_order)]
@@ -278,10 +332,24 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
                 hf.add(name, arr)
 
         put_order: list[str] = []
+        pi_order: list[str] = []
+
+        def pi_put(name: str, arr: np.ndarray) -> None:
+            if pw is None:
+                return
+            expect_name, expect_shape = pi_plan[len(pi_order)]
+            assert name == expect_name and arr.shape == expect_shape, (name, arr.shape, expect_name)
+            pw.write_tensor_data(np.ascontiguousarray(arr, dtype=_store_dtype(name, arr.shape, outtype)))
+            pi_order.append(name)
+
+        def both(name: str, arr: np.ndarray) -> None:
+            put(name, arr)
+            pi_put(name, arr)
+
         d, f = hp.n_embd, hp.n_ff
         emb = normal((hp.n_vocab, d))
         emb[:, BIAS_CHANNEL] = 1.0
-        put("token_embd.weight", emb)
+        both("token_embd.weight", emb)
         # Random token sequences: calibration sets the biases, held-out ones measure the result.
         toks = rng.integers(3, hp.n_vocab, size=(n_cal_seq + n_ho_seq, seq_len))
         xs = [emb[t].copy() for t in toks]
@@ -292,7 +360,7 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
         bar = tqdm(range(hp.n_layer), desc=f"synth {preset}", unit="layer", disable=not progress)
         for il in bar:
             b = f"blk.{il}."
-            put(b + "attn_norm.weight", ones)
+            both(b + "attn_norm.weight", ones)
             wq = normal((d, d), d ** -0.5)
             wk = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
             wv = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
@@ -305,16 +373,17 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
                 x += a * scale
             del att
             for name, arr in (("attn_q", wq), ("attn_k", wk), ("attn_v", wv), ("attn_output", wo)):
-                put(b + name + ".weight", arr)
+                both(b + name + ".weight", arr)
             del wq, wk, wv, wo
-            put(b + "ffn_norm.weight", ones)
+            both(b + "ffn_norm.weight", ones)
 
             xn = [rms_norm(x, ones, hp.rms_eps) for x in xs]
             # Gate: low-rank signal (unit variance on the FFN input) plus a little full-rank noise.
             A = normal((f, gate_rank))
             B = normal((gate_rank, d), (gate_rank * d) ** -0.5)
             gate = A @ B
-            del A, B
+            if pw is None:
+                del A, B
             gate += normal((f, d), (GATE_NOISE / d) ** 0.5)
             gate[:, BIAS_CHANNEL] = 0.0
             up = normal((f, d), d ** -0.5)
@@ -345,6 +414,12 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
             bias[on] = -ratio[0, on] + 1.0       # always on
             bias[off] = -ratio[-1, off] - 1.0    # never on
             gate[:, BIAS_CHANNEL] = bias
+            if pw is not None:
+                # predictor = the gate's low-rank signal and bias: score = A (B x) + bias x_0
+                fc1 = np.concatenate([B, np.eye(1, d, BIAS_CHANNEL, dtype=np.float32)])  # [rank, d]
+                fc2 = np.concatenate([A, bias[:, None].astype(np.float32)], axis=1)      # [f, rank]
+                noise_sd = float(np.std(cal @ gate.T - (cal @ fc1.T) @ fc2.T))
+                del A, B
             del s, ratio, cal
 
             down = normal((d, f), 1.0)
@@ -360,15 +435,35 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
             per_layer_hot.append(hot_mass_of(counts, target.hot_share))
             for x, h in zip(xs, hs):
                 x += h @ down.T
+            if pw is not None:
+                # rows hot-to-cold by planted rate (dReLU: the gate rate times up's pass rate)
+                freq = (p_j * up_pass if act == "drelu" else p_j).astype(np.float32)
+                order = np.argsort(-freq, kind="stable")
+                threshold = np.full(f, -PRED_Z * noise_sd, dtype=np.float32)
+                ho = np.concatenate(xn[n_cal_seq:])
+                pred = ((ho @ fc1.T) @ fc2.T) > threshold
+                both_on = (pred & held).sum()
+                pi_recall.append(float(both_on / max(1, held.sum())))
+                pi_precision.append(float(both_on / max(1, pred.sum())))
+                pi_put(b + "ffn_gate.weight", gate[order])
+                pi_put(b + "ffn_up.weight", up[order])
+                pi_put(fmt.Tensors.FFN_DOWN_T.format(il), down.T[order])
+                pi_put(fmt.Tensors.PRED_FC1.format(il), fc1)
+                pi_put(fmt.Tensors.PRED_FC2.format(il), fc2[order])
+                pi_put(fmt.Tensors.PRED_THRESHOLD.format(il), threshold[order])
+                pi_put(fmt.Tensors.NEURON_FREQ.format(il), freq[order])
+                del fc1, fc2, ho, pred
             del hs, hcat, ffo, xn
             put(b + "ffn_gate.weight", gate)
             put(b + "ffn_up.weight", up)
             put(b + "ffn_down.weight", down)
             del gate, up, down
             bar.set_postfix(firing=f"{per_layer_mean[-1]:.3f}")
-        put("output_norm.weight", ones)
-        put("output.weight", normal((hp.n_vocab, d), d ** -0.5))
+        both("output_norm.weight", ones)
+        both("output.weight", normal((hp.n_vocab, d), d ** -0.5))
         w.close()
+        if pw is not None:
+            pw.close()
 
         profile = FiringProfile(per_layer_mean, per_layer_hot, target.hot_share, n_ho_seq * seq_len)
         # Measured values into the header (fixed-size float32 fields, in place).
@@ -378,6 +473,18 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
             field.parts[field.data[0]][0] = val
         reader.data.flush() if hasattr(reader.data, "flush") else None
         del reader
+        if pi_tmp is not None:
+            reader = gguf.GGUFReader(pi_tmp, "r+")
+            for key, val in ((K.FIRING_MEAN, profile.mean), (K.HOT_MASS, profile.hot_mass)):
+                field = reader.fields[key]
+                field.parts[field.data[0]][0] = val
+            for key, vals in ((fmt.Keys.PREDICTOR_RECALL, pi_recall), (fmt.Keys.PREDICTOR_PRECISION, pi_precision)):
+                field = reader.fields[key]
+                for idx, v in zip(field.data, vals):
+                    field.parts[idx][0] = v
+            reader.data.flush() if hasattr(reader.data, "flush") else None
+            del reader
+            os.replace(pi_tmp, pi_path)
         os.replace(tmp, f16_path)
         if f16_path != out:
             quantize_file(bin_path("stock", "llama-quantize"), f16_path, out, outtype)
@@ -387,7 +494,7 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     except BaseException:
         if hf is not None:
             hf.abort()
-        for p in (tmp, f16_path if f16_path != out else None):
+        for p in (tmp, f16_path if f16_path != out else None, pi_tmp, pi_path):
             if p is not None and Path(p).exists():
                 Path(p).unlink()
         raise

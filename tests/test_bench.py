@@ -33,9 +33,10 @@ def test_stock_offload_fills_the_budget_from_the_last_layer():
     plan = stock_offload(s, 10**9, n_ctx)
     assert plan.ngl == s.n_layer + 1  # everything, output layer too
     assert plan.weight_bytes == 4 * 100 + 50 and plan.kv_bytes == 4 * kv
-    budget = compute_buffer_estimate(s, n_ctx, n_ctx, False) + 2 * (100 + kv) + 1
-    two = stock_offload(s, budget, n_ctx)
-    assert two.ngl == 2 and two.gpu_bytes <= budget
+    # llama.cpp's order: the output layer first (-ngl 1), then repeating layers from the last
+    budget = compute_buffer_estimate(s, n_ctx, n_ctx, True) + 50 + 2 * (100 + kv) + 1
+    three = stock_offload(s, budget, n_ctx)
+    assert three.ngl == 3 and three.gpu_bytes <= budget and three.weight_bytes == 50 + 2 * 100
 
 
 def test_model_sizes_from_file(tiny_model):
@@ -100,7 +101,7 @@ def test_pi_bench_ours_against_stock(tiny_pi, tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["{plain}", "--stock", "{twin}"], "has no sparse layout"),
     (["{ours}", "--stock", "{plain_other}"], "not its stock twin"),
-    (["{ours}", "--stock", "{twin}", "--vram-budget", "1GiB"], "CPU only"),
+    (["{ours}", "--stock", "{twin}", "--vram-budget", "1GiB"], "no GPU device"),
 ])
 def test_pi_bench_ours_bad_input_is_one_line(tiny_pi, tmp_path, args, msg):
     res, ours, twin = tiny_pi

@@ -1,0 +1,131 @@
+"""Patches 0007/0009: FFN rows split into a device part and a CPU part, the VRAM-budget planner's
+checks, pi-synth --pi, and pi-bench's GPU-side plans. A CPU-only build puts both parts of a split
+in CPU memory, which is what CI checks here: the split, the views of score and threshold, the
+merge; tools/gpu-split.sh runs the same checks with the hot part on a GPU."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from powerinfer_gguf.format import Keys
+
+TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354]
+
+
+def _logits(path, one_by_one=True, **kw):
+    from powerinfer_gguf import Llama
+    llm = Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, verbose=False, logits_all=True, **kw)
+    if one_by_one:
+        for t in TOKENS:
+            llm.eval([t])
+    else:
+        llm.eval(TOKENS)
+    return np.array(llm.scores[: len(TOKENS)]), llm
+
+
+@pytest.mark.parametrize("mode", [{}, {"all_active": True}, {"sparse": False}])
+@pytest.mark.parametrize("dev_rows", [64, 320])
+def test_split_equals_whole(tiny_pi, mode, dev_rows):
+    """Rows [0, h) and [h, n_ff) as two tensors over the file's bytes give the whole FFN's result
+    (sparse, every neuron active, and dense), decode and a 12-token ubatch."""
+    _, ours, _ = tiny_pi
+    for one in (True, False):
+        whole, _ = _logits(ours, one, **mode)
+        split, llm = _logits(ours, one, kv_overrides={Keys.Runtime.DEV_ROWS: dev_rows}, **mode)
+        err = np.abs(split - whole).max() / np.abs(whole).max()
+        assert err < 5e-4, (mode, dev_rows, one, err)  # summation order only
+        assert (split.argmax(-1) == whole.argmax(-1)).all()
+    pl = llm.placement()
+    assert len(pl) == 4 and all(p.split and p.gpu_rows == 0 and not p.attn_gpu for p in pl)
+    assert pl[0].neurons == 704
+
+
+def test_split_counts_every_row(tiny_pi):
+    """Both parts report to the layer's counters: a split layer offers n_ff rows per token."""
+    _, ours, _ = tiny_pi
+    _, llm = _logits(ours, kv_overrides={Keys.Runtime.DEV_ROWS: 128})
+    st = llm.sparse_stats()[0]
+    assert st.tokens == len(TOKENS) and 0 < st.predicted < st.tokens * st.neurons
+
+
+@pytest.mark.parametrize("budget,msg", [
+    ("1GiB", "no GPU device"),
+    ("auto", "no GPU device"),
+    ("40%", "no GPU device"),
+    (-5, "cannot be negative"),
+])
+def test_budget_without_gpu_is_one_clear_error(tiny_pi, budget, msg):
+    from powerinfer_gguf import Llama
+    _, ours, _ = tiny_pi
+    with pytest.raises(ValueError, match=msg) as e:
+        Llama(str(ours), vram_budget=budget, n_ctx=64, verbose=False)
+    assert "\n" not in str(e.value)
+
+
+def test_budget_zero_is_cpu_only(tiny_pi):
+    _, ours, _ = tiny_pi
+    from powerinfer_gguf import Llama
+    llm = Llama(str(ours), vram_budget=0, n_ctx=64, verbose=False)
+    assert all(not p.split and p.gpu_rows == 0 for p in llm.placement())
+
+
+def test_synth_pi_layout_matches_its_twin(tmp_path):
+    """pi-synth --pi: our layout of the same weights (rows ranked, down_t, predictors from the
+    generator's gate signal) computes what its twin computes; recall as planned."""
+    import gguf
+    from powerinfer_gguf.synth import synthesize
+    twin, ours = tmp_path / "t.stock.gguf", tmp_path / "t.pi.gguf"
+    synthesize(twin, "tiny", outtype="f32", pi_out=ours, progress=False)
+    r = gguf.GGUFReader(ours)
+    recall = r.fields[Keys.PREDICTOR_RECALL].contents()
+    precision = r.fields[Keys.PREDICTOR_PRECISION].contents()
+    assert len(recall) == 4 and min(recall) > 0.98 and 0.3 < min(precision) <= 1.0
+    freq = {t.name: np.asarray(t.data) for t in r.tensors if "pi_neuron_freq" in t.name}
+    assert len(freq) == 4 and all((np.diff(f) <= 0).all() and 0.05 < f.mean() < 0.15 for f in freq.values())
+    a, _ = _logits(twin)
+    b, _ = _logits(ours, sparse=False)
+    c, llm = _logits(ours)
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
+    assert (a.argmax(-1) == c.argmax(-1)).mean() >= 0.9
+    assert llm.sparse_stats()[0].computed_share < 0.3
+
+
+def test_synth_pi_refuses_quantized(tmp_path):
+    from powerinfer_gguf.synth import synthesize
+    with pytest.raises(ValueError, match="pi-quantize"):
+        synthesize(tmp_path / "q.gguf", "tiny", outtype="q4_0", pi_out=tmp_path / "q.pi.gguf", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_llama_bench_takes_kv_overrides(tiny_pi):
+    from powerinfer_gguf.build import bin_path
+    _, ours, _ = tiny_pi
+    exe = str(bin_path("patched", "llama-bench"))
+    ok = subprocess.run([exe, "-m", str(ours), "-p", "0", "-n", "4", "-r", "1", "-t", "2", "-o", "json",
+                         "--override-kv", f"{Keys.Runtime.DEV_ROWS}=int:64"], capture_output=True, text=True)
+    assert ok.returncode == 0 and '"n_gen": 4' in ok.stdout
+    bad = subprocess.run([exe, "-m", str(ours), "-p", "0", "-n", "4", "-r", "1", "-t", "2", "-v",
+                          "--override-kv", f"{Keys.Runtime.VRAM_BUDGET}=int:1000000"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no GPU device" in bad.stderr
+
+
+def test_stock_override_plan_and_placement_parse():
+    from powerinfer_gguf.bench import ModelSizes, parse_placement, stock_override
+    n_layer, layer, ffn, out = 4, 1000, 600, 300
+    s = ModelSizes("m", n_layer, 64, 4, 4, 128, 1000, [layer] * n_layer, out, 70, [ffn] * n_layer)
+    assert stock_override(s, 0, 8) is None
+    big = stock_override(s, 10 ** 9, 8)
+    assert big.ffn_cpu == 0 and big.args(n_layer) == ["-ngl", "5"]
+    need_all_cpu = stock_override(s, big.gpu_bytes - 4 * ffn, 8)
+    assert need_all_cpu.ffn_cpu == 4
+    some = stock_override(s, big.gpu_bytes - ffn - 1, 8)
+    assert some.ffn_cpu == 2 and "blk\\.(0|1)\\.ffn_" in some.args(n_layer)[-1]
+    log = ["llama_pi_plan_placement: powerinfer: VRAM budget 10.00 GiB: 40 of 40 layers on the GPU (attention, "
+           "predictor, KV for 96 tokens) + output, 4.50 GiB; hot FFN rows 5.10 GiB (83.2% of the offloaded "
+           "layers' activation mass); compute reserve 0.08 GiB",
+           "llama_pi_plan_placement: powerinfer: GPU rows per layer (of 13824) 0:4096 1:4128 39:13824"]
+    p = parse_placement(log, 40)
+    assert p.layers == 40 and p.output and p.rows_gib == 5.1 and p.mass == 83.2
+    assert p.gpu_rows[:3] == [4096, 4128, 0] and p.gpu_rows[39] == 13824

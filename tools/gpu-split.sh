@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
+# budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive):
+#   tools/gpu-split.sh prep    starts the 13B-shape synth (+ our layout, pi-synth --pi) in its own
+#                              session, builds both sides with CUDA meanwhile, then checks sparse ==
+#                              dense with every neuron active at budgets 0, 40%, 100% (small model)
+#   tools/gpu-split.sh head    waits for the synth; 13B at 10 GiB: pi-bench (stock's best of -ngl
+#                              and -ot vs ours) and a profile (all-GPU, all layers split)
+#   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
+# Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PI_CACHE=/tmp/pi-cache PI_SDIST=$PWD/.gpu/llama-src.tar.xz PI_OFFLINE=1 PI_CUDA_FA=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD
+GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')" | tail -1) || exit 1
+STOCK_SRC=$(python3 -c "from powerinfer_gguf import build; print(build.stock_source())" | tail -1)
+SHIM=/tmp/pi-shims
+mkdir -p $SHIM
+printf 'class Cache:\n    def __init__(self, *a, **k):\n        raise RuntimeError("diskcache is not installed on this machine")\n' > $SHIM/diskcache.py
+export PYTHONPATH=$PWD:$GGUF_PY:$(readlink -f "$STOCK_SRC"):$SHIM
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+P=${PRESET:-13b}
+# /dev/shm when it holds both files (2 x 26 GB at 13B), else the disk
+M=/dev/shm/pi
+[ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
+mkdir -p $M
+
+case "${1:-}" in
+prep)
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+    echo "cores $(nproc), RAM $(free -g | awk '/Mem/{print $2}') GiB; models in $M; shm $(df -h --output=avail /dev/shm | tail -1)"
+    setsid bash -c "OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/$P.stock.gguf --preset $P --outtype f16 \
+        --pi $M/$P.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/synth.log 2>&1; echo \$? > $M/synth.rc" \
+        < /dev/null > /dev/null 2>&1 &
+    python3 -m powerinfer_gguf.build setup --no-python -j 10 --sides-at-once > "$OUT/build.log" 2>&1
+    el "builds done (rc $?)"; tail -3 "$OUT/build.log"
+    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf 2>&1 | tail -1
+    el "check model done"
+    python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 2>&1 | tee "$OUT/split-check.txt"
+    el "check done"; tail -2 $M/synth.log | tr '\r' '\n' | tail -2
+    ;;
+head)
+    while [ ! -f $M/synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 300 ]; do sleep 5; done
+    el "synth rc $(cat $M/synth.rc 2>/dev/null)"; tail -3 $M/synth.log | tr '\r' '\n' | tail -12
+    ls -la $M
+    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget 10GiB -t 16 \
+        -p 0 -n 32 -r 2 --json "$OUT/$P-10g.json" 2>&1 | tee "$OUT/$P-10g.txt" | grep -v "^\["
+    el "head-to-head done"
+    B=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin/llama-bench
+    NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
+    for extra in "" "--override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32))"; do
+        # profile: everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
+        $B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
+            --override-kv powerinfer.runtime.vram_budget=int:77309411328 --override-kv powerinfer.runtime.vram_ctx=int:32 \
+            $extra 2>&1 | grep -E "tg32|powerinfer: VRAM" | cut -c1-220
+    done | tee "$OUT/$P-profile.txt"
+    el "profile done"
+    ;;
+check)
+    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    timeout 240 python3 -X faulthandler tools/gpu_split_check.py /tmp/chk.pi.gguf 2>&1 | grep -v "^llama_\|^print_info\|^load\|^gguf" | tee "$OUT/split-check.txt" | tail -40
+    el "check done"
+    ;;
+sweep)
+    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --sweep 0,10%,20%,40%,70%,100% \
+        -t 16 -p 0 -n 32 -r 1 --json "$OUT/$P-sweep.json" 2>&1 | tee "$OUT/$P-sweep.txt" | grep -v "^\["
+    el "sweep done"
+    ;;
+*)
+    echo "usage: $0 prep|head|sweep" >&2
+    exit 2
+    ;;
+esac
