@@ -129,3 +129,22 @@ def test_stock_override_plan_and_placement_parse():
     p = parse_placement(log, 40)
     assert p.layers == 40 and p.output and p.rows_gib == 5.1 and p.mass == 83.2
     assert p.gpu_rows[:3] == [4096, 4128, 0] and p.gpu_rows[39] == 13824
+
+
+def test_q4_0_rows_sparse_split_and_dense(tiny_pi, tmp_path):
+    """A Q4_0 sparse file (rows quantized, predictors kept F16): gate/up stay out of repacked CPU
+    buffers (the op reads rows), the dense path dequantizes down_t before transposing it, and the
+    split reads the right quantized bytes."""
+    from powerinfer_gguf.build import bin_path
+    _, ours, _ = tiny_pi
+    q = tmp_path / "tiny.q4.pi.gguf"
+    r = subprocess.run([str(bin_path("patched", "llama-quantize")), "--tensor-type", "pi_pred_fc1=f16",
+                        "--tensor-type", "pi_pred_fc2=f16", str(ours), str(q), "q4_0", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]
+    dense, _ = _logits(q, sparse=False)
+    full, _ = _logits(q, all_active=True)
+    split, _ = _logits(q, all_active=True, kv_overrides={Keys.Runtime.DEV_ROWS: 256})
+    for x in (full, split):
+        assert np.abs(x - dense).max() / np.abs(dense).max() < 1e-3
+        assert (x.argmax(-1) == dense.argmax(-1)).all()

@@ -7,6 +7,7 @@
 #   tools/gpu-split.sh head    waits for the synth; 13B at 10 GiB: pi-bench (stock's best of -ngl
 #                              and -ot vs ours) and a profile (all-GPU, all layers split)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
+#   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,19 @@ head)
             $extra 2>&1 | grep -E "tg32|powerinfer: VRAM" | cut -c1-220
     done | tee "$OUT/$P-profile.txt"
     el "profile done"
+    ;;
+recheck)
+    # one call on a fresh machine: the patched side alone, a small model, the sparse == dense check
+    # with split layers (budgets 55/70/85%) and the issue's three budgets
+    python3 -m powerinfer_gguf.build setup --no-python --only patched -j 16 > "$OUT/build.log" 2>&1
+    el "patched build done (rc $?)"; tail -2 "$OUT/build.log"
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
+        --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
+    el "check model done"
+    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 55% 85% 0 40% 100% 2>&1 \
+        | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
+    el "check done"
     ;;
 check)
     export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
