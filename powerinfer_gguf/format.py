@@ -34,6 +34,9 @@ class Keys:
         VRAM_BUDGET = f"{NAMESPACE}.runtime.vram_budget"          # int bytes; -1 = auto; absent = -ngl as given
         VRAM_CTX = f"{NAMESPACE}.runtime.vram_ctx"                # int, tokens the KV reserve is sized for
         DEV_ROWS = f"{NAMESPACE}.runtime.dev_rows"                # int, tests: split every layer's FFN here
+        VRAM_RESERVE = f"{NAMESPACE}.runtime.vram_reserve"        # int bytes for compute buffers (default: estimate)
+        SPLIT_COST_US = f"{NAMESPACE}.runtime.split_cost_us"      # int, a split layer's hand-off cost (default 70)
+        PLAN_WITHOUT_GPU = f"{NAMESPACE}.runtime.plan_without_gpu"  # bool, tests: plan a budget with no GPU
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""

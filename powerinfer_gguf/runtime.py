@@ -90,7 +90,7 @@ class LayerStats:
 
 class _PlacementC(ctypes.Structure):
     # include/llama-powerinfer.h: struct llama_pi_layer_placement
-    _fields_ = [(name, ctypes.c_int32) for name in ("n_rows", "gpu_rows", "attn_gpu", "split")]
+    _fields_ = [(name, ctypes.c_int32) for name in ("n_rows", "gpu_rows", "attn_gpu", "split", "dev_rows")]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class LayerPlacement:
     gpu_rows: int      # the hottest rows, held in GPU memory; the rest in CPU memory
     attn_gpu: bool     # attention, predictor and KV cache on the GPU
     split: bool        # the FFN runs as a GPU part and a CPU part, added
+    dev_rows: int = 0  # rows planned where the layer runs (neurons when not split)
 
 
 def _bind_sparse_api(lib) -> None:
@@ -251,7 +252,8 @@ def _make_llama_class():
                 p = _PlacementC()
                 if lib.llama_pi_get_layer_placement(self.model, il, ctypes.byref(p)) != 0:
                     return []
-                out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split)))
+                out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split),
+                                          int(p.dev_rows)))
             return out
 
         def close(self) -> None:

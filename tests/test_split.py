@@ -148,3 +148,48 @@ def test_q4_0_rows_sparse_split_and_dense(tiny_pi, tmp_path):
     for x in (full, split):
         assert np.abs(x - dense).max() / np.abs(dense).max() < 1e-3
         assert (x.argmax(-1) == dense.argmax(-1)).all()
+
+
+def _plan(path, budget, **kv):
+    """The planner's decision without a GPU (powerinfer.runtime.plan_without_gpu: every part stays
+    in CPU memory, but the plan is the one a GPU of that budget would get)."""
+    from powerinfer_gguf import Llama
+    over = {Keys.Runtime.PLAN_WITHOUT_GPU: True, Keys.Runtime.VRAM_RESERVE: 0}
+    over.update(kv)
+    llm = Llama(str(path), vram_budget=int(budget), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
+                kv_overrides=over)
+    return llm, llm.placement()
+
+
+def test_planner_fills_the_budget_hot_rows_first(tiny_pi):
+    from powerinfer_gguf.bench import ModelSizes
+    _, ours, _ = tiny_pi
+    s = ModelSizes.from_gguf(ours)
+    kv = 64 * 2 * 2 * (s.n_head_kv * (s.n_embd // s.n_head))
+    base = s.output_bytes + sum(l - f for l, f in zip(s.layer_bytes, s.ffn_bytes)) + s.n_layer * kv
+    # everything fits: every layer whole where it runs
+    _, pl = _plan(ours, base + sum(s.ffn_bytes) + 1)
+    assert [p.dev_rows for p in pl] == [704] * 4 and not any(p.split for p in pl)
+    # 60% of the rows, no hand-off cost: one cut-off, every layer split at about 60%, hottest first
+    llm, pl = _plan(ours, base + 0.6 * sum(s.ffn_bytes), **{Keys.Runtime.SPLIT_COST_US: 0})
+    rows = [p.dev_rows for p in pl]
+    assert all(0 < r < 704 and r % 32 == 0 for r in rows) and all(p.split for p in pl)
+    assert 0.45 * 4 * 704 < sum(rows) <= 0.6 * 4 * 704
+    # the plan is a correct model: same logits as the whole-layer file
+    whole, _ = _logits(ours)
+    for t in TOKENS:
+        llm.eval([t])
+    planned = np.array(llm.scores[: len(TOKENS)])
+    assert np.abs(planned - whole).max() / np.abs(whole).max() < 5e-4
+    # a hand-off cost larger than a layer's cold bytes: whole layers instead of four splits
+    _, pl = _plan(ours, base + 0.6 * sum(s.ffn_bytes), **{Keys.Runtime.SPLIT_COST_US: 1000})
+    assert [p.dev_rows for p in pl].count(704) == 2
+
+
+def test_planner_refuses_what_cannot_fit(tiny_pi):
+    _, ours, _ = tiny_pi
+    with pytest.raises(ValueError, match="cannot hold the output layer") as e:
+        _plan(ours, 1000)
+    assert "give at least" in str(e.value)
+    with pytest.raises(ValueError, match="vram_ctx"):
+        _plan(ours, 10 ** 9, **{Keys.Runtime.VRAM_CTX: 0})

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
 # budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive):
-#   tools/gpu-split.sh prep    starts the 13B-shape synth (+ our layout, pi-synth --pi) in its own
-#                              session, builds both sides with CUDA meanwhile, then checks sparse ==
-#                              dense with every neuron active at budgets 0, 40%, 100% (small model)
-#   tools/gpu-split.sh head    waits for the synth; 13B at 10 GiB: pi-bench (stock's best of -ngl
-#                              and -ot vs ours) and a profile (all-GPU, all layers split)
+#   tools/gpu-split.sh prep    builds both sides with CUDA, starts the 7B- then 13B-shape synth (+ our
+#                              layout, pi-synth --pi) in their own session, checks sparse == dense with
+#                              every neuron active at budgets 0/40/100% and split ones (small model)
+#   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
+#                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
+#                              -ngl and -ot vs ours) and a profile (all-GPU, all layers split)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
 #   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
@@ -31,25 +32,29 @@ mkdir -p $M
 
 case "${1:-}" in
 prep)
+    # builds alone first (all cores; next to a synthesis they ran past a call's 10 minutes), then the
+    # models in their own session (7B, then 13B: ~3 + ~6 min), then the small-model checks meanwhile
     nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
     echo "cores $(nproc), RAM $(free -g | awk '/Mem/{print $2}') GiB; models in $M; shm $(df -h --output=avail /dev/shm | tail -1)"
-    setsid bash -c "OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/$P.stock.gguf --preset $P --outtype f16 \
-        --pi $M/$P.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/synth.log 2>&1; echo \$? > $M/synth.rc" \
-        < /dev/null > /dev/null 2>&1 &
-    python3 -m powerinfer_gguf.build setup --no-python -j 10 --sides-at-once > "$OUT/build.log" 2>&1
+    python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
     el "builds done (rc $?)"; tail -3 "$OUT/build.log"
+    setsid bash -c "for p in ${PRESETS:-7b 13b}; do OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
+        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
+        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
     export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
-    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf 2>&1 | tail -1
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
+        --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
-    python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 2>&1 | tee "$OUT/split-check.txt"
-    el "check done"; tail -2 $M/synth.log | tr '\r' '\n' | tail -2
+    timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
+        | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
+    el "check done"
     ;;
 head)
-    while [ ! -f $M/synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 300 ]; do sleep 5; done
-    el "synth rc $(cat $M/synth.rc 2>/dev/null)"; tail -3 $M/synth.log | tr '\r' '\n' | tail -12
+    while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 420 ]; do sleep 5; done
+    el "synth rc $(cat $M/$P.synth.rc 2>/dev/null)"; tail -3 $M/$P.synth.log | tr '\r' '\n' | tail -3
     ls -la $M
-    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget 10GiB -t 16 \
-        -p 0 -n 32 -r 2 --json "$OUT/$P-10g.json" 2>&1 | tee "$OUT/$P-10g.txt" | grep -v "^\["
+    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-40%} -t 16 \
+        -p 0 -n 32 -r 2 --json "$OUT/$P-head.json" 2>&1 | tee "$OUT/$P-head.txt" | grep -v "^\["
     el "head-to-head done"
     B=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin/llama-bench
     NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
