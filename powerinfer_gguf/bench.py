@@ -305,22 +305,15 @@ def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 51
 
 
 @dataclass
-class OverridePlan:
+class OverridePlan(Offload):
     """Stock's other way to use a small GPU (-ot): every layer's attention and KV cache and the
-    output layer on the GPU (-ngl all), the FFN weights of the first ``ffn_cpu`` layers kept in
+    output layer on the GPU (ngl = all), the FFN weights of the first ``ffn_cpu`` layers kept in
     CPU memory by tensor overrides (the rest on the GPU too)."""
 
-    ffn_cpu: int
-    weight_bytes: int
-    kv_bytes: int
-    compute_bytes: int
+    ffn_cpu: int = 0
 
-    @property
-    def gpu_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.compute_bytes
-
-    def args(self, n_layer: int) -> list[str]:
-        args = ["-ngl", str(n_layer + 1)]
+    def args(self) -> list[str]:
+        args = ["-ngl", str(self.ngl)]
         if self.ffn_cpu:
             layers = "|".join(str(i) for i in range(self.ffn_cpu))
             args += ["-ot", f"blk\\.({layers})\\.ffn_(gate|up|down)\\.weight=CPU"]
@@ -334,7 +327,7 @@ def stock_override(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 5
     attn = sum(b - f for b, f in zip(sizes.layer_bytes, sizes.ffn_bytes)) + sizes.output_bytes
     comp = compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True)
     for m in range(sizes.n_layer + 1):
-        plan = OverridePlan(m, attn + sum(sizes.ffn_bytes[m:]), kv, comp)
+        plan = OverridePlan(sizes.n_layer + 1, attn + sum(sizes.ffn_bytes[m:]), kv, comp, ffn_cpu=m)
         if plan.gpu_bytes <= budget:
             return plan
     return None
@@ -527,7 +520,7 @@ def run_bench(model: str, stock_model: str | None = None, budget: str | int = 0,
         if ot is not None and plan.ngl <= L:  # (at ngl L+1 everything is on the GPU already)
             c, g = stock_sizes.stock_split_bytes(set(range(L)), set(range(ot.ffn_cpu)), True)
             sides["stock_ot"] = SideResult(
-                "stock_ot", str(bin_path("stock", "llama-bench")), stock_path, ot.args(L) + ["-lm", "none"],
+                "stock_ot", str(bin_path("stock", "llama-bench")), stock_path, ot.args() + ["-lm", "none"],
                 f"-ot: attention+KV+output on GPU, FFN of {ot.ffn_cpu}/{L} layers on CPU", ot.gpu_bytes,
                 stock_sizes.decode_bytes_dense(), cpu_bytes=c, gpu_bytes_read=g)
     if ours_file:

@@ -117,11 +117,11 @@ def test_stock_override_plan_and_placement_parse():
     s = ModelSizes("m", n_layer, 64, 4, 4, 128, 1000, [layer] * n_layer, out, 70, [ffn] * n_layer)
     assert stock_override(s, 0, 8) is None
     big = stock_override(s, 10 ** 9, 8)
-    assert big.ffn_cpu == 0 and big.args(n_layer) == ["-ngl", "5"]
+    assert big.ffn_cpu == 0 and big.args() == ["-ngl", "5"]
     need_all_cpu = stock_override(s, big.gpu_bytes - 4 * ffn, 8)
     assert need_all_cpu.ffn_cpu == 4
     some = stock_override(s, big.gpu_bytes - ffn - 1, 8)
-    assert some.ffn_cpu == 2 and "blk\\.(0|1)\\.ffn_" in some.args(n_layer)[-1]
+    assert some.ffn_cpu == 2 and "blk\\.(0|1)\\.ffn_" in some.args()[-1]
     log = ["llama_pi_plan_placement: powerinfer: VRAM budget 10.00 GiB: 40 of 40 layers on the GPU (attention, "
            "predictor, KV for 96 tokens) + output, 4.50 GiB; hot FFN rows 5.10 GiB (83.2% of the offloaded "
            "layers' activation mass); compute reserve 0.08 GiB",

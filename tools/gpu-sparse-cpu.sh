@@ -9,18 +9,9 @@
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PI_CACHE=/tmp/pi-cache PI_SDIST=$PWD/.gpu/llama-src.tar.xz PI_OFFLINE=1 PI_CUDA=0 PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD
-GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')" | tail -1) || exit 1
-# llama-cpp-python's Python part from the pack (pi-convert tokenizes through it) over our
-# patched libllama. It imports diskcache at import time (for LlamaDiskCache, which nothing here
-# uses) and this machine has no diskcache: a stand-in module that refuses to be used.
-STOCK_SRC=$(python3 -c "from powerinfer_gguf import build; print(build.stock_source())" | tail -1)
-SHIM=/tmp/pi-shims
-mkdir -p $SHIM
-printf 'class Cache:\n    def __init__(self, *a, **k):\n        raise RuntimeError("diskcache is not installed on this machine")\n' > $SHIM/diskcache.py
-export PYTHONPATH=$PWD:$GGUF_PY:$(readlink -f "$STOCK_SRC"):$SHIM
-export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+export PI_CUDA=0
+source tools/gpu-env.sh
+export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
 M=/dev/shm/pi
 OUT=${OUT:-/tmp/out}
 mkdir -p "$M" "$OUT"

@@ -12,14 +12,8 @@
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PI_CACHE=/tmp/pi-cache PI_SDIST=$PWD/.gpu/llama-src.tar.xz PI_OFFLINE=1 PI_CUDA_FA=0 PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD
-GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')" | tail -1) || exit 1
-STOCK_SRC=$(python3 -c "from powerinfer_gguf import build; print(build.stock_source())" | tail -1)
-SHIM=/tmp/pi-shims
-mkdir -p $SHIM
-printf 'class Cache:\n    def __init__(self, *a, **k):\n        raise RuntimeError("diskcache is not installed on this machine")\n' > $SHIM/diskcache.py
-export PYTHONPATH=$PWD:$GGUF_PY:$(readlink -f "$STOCK_SRC"):$SHIM
+export PI_CUDA_FA=0
+source tools/gpu-env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -41,7 +35,7 @@ prep)
     setsid bash -c "for p in ${PRESETS:-7b 13b}; do OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
         --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
         echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
-    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
@@ -56,7 +50,7 @@ head)
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-40%} -t 16 \
         -p 0 -n 32 -r 2 --json "$OUT/$P-head.json" 2>&1 | tee "$OUT/$P-head.txt" | grep -v "^\["
     el "head-to-head done"
-    B=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin/llama-bench
+    B=$(pi_patched_bin)/llama-bench
     NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
     for extra in "" "--override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32))"; do
         # profile: everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
@@ -74,13 +68,13 @@ recheck)
     python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
-    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 55% 85% 0 40% 100% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
     ;;
 check)
-    export LLAMA_CPP_LIB_PATH=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))" | tail -1)/bin
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     timeout 240 python3 -X faulthandler tools/gpu_split_check.py /tmp/chk.pi.gguf 2>&1 | grep -v "^llama_\|^print_info\|^load\|^gguf" | tee "$OUT/split-check.txt" | tail -40
     el "check done"
     ;;
