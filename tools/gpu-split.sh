@@ -58,6 +58,13 @@ head)
             --override-kv powerinfer.runtime.vram_budget=int:77309411328 --override-kv powerinfer.runtime.vram_ctx=int:32 \
             $extra 2>&1 | grep -E "tg32|powerinfer: VRAM" | cut -c1-220
     done | tee "$OUT/$P-profile.txt"
+    # the CPU rows' memory: plain (2 MB pages, the default) against pinned, at the head-to-head budget
+    BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-40%}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
+    for pinned in false true; do
+        echo "rows_pinned=$pinned: $($B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
+            --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
+            --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep tg32 | cut -c1-160)"
+    done | tee -a "$OUT/$P-profile.txt"
     el "profile done"
     ;;
 recheck)
