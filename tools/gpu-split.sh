@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
 # budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive):
-#   tools/gpu-split.sh prep    builds both sides with CUDA, starts the 7B- then 13B-shape synth (+ our
+#   tools/gpu-split.sh prep    builds both sides with CUDA, checks a small model, then starts the 7B- and 13B-shape synth (+ our
 #                              layout, pi-synth --pi) in their own session, checks sparse == dense with
 #                              every neuron active at budgets 0/40/100% and split ones (small model)
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
@@ -26,22 +26,22 @@ mkdir -p $M
 
 case "${1:-}" in
 prep)
-    # builds alone first (all cores; next to a synthesis they ran past a call's 10 minutes), then the
-    # models in their own session (7B, then 13B: ~3 + ~6 min), then the small-model checks meanwhile
+    # builds alone first (all cores; next to a synthesis they ran past a call's 10 minutes), the
+    # small-model checks, then the models in their own session (7B, then 13B: ~3 + ~6 min)
     nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
     echo "cores $(nproc), RAM $(free -g | awk '/Mem/{print $2}') GiB; models in $M; shm $(df -h --output=avail /dev/shm | tail -1)"
     python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
     el "builds done (rc $?)"; tail -3 "$OUT/build.log"
-    setsid bash -c "for p in ${PRESETS:-7b 13b}; do OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
-        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
-        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
-    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 4 --outtype f16 --pi /tmp/chk.pi.gguf \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
+    setsid bash -c "for p in ${PRESETS:-7b 13b}; do OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
+        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
+        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
     ;;
 head)
     while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 420 ]; do sleep 5; done
