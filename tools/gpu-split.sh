@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
 # budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive):
-#   tools/gpu-split.sh prep    builds both sides with CUDA, checks a small model, then starts the 7B- and 13B-shape synth (+ our
-#                              layout, pi-synth --pi) in their own session, checks sparse == dense with
-#                              every neuron active at budgets 0/40/100% and split ones (small model)
+#   tools/gpu-split.sh prep    builds both sides with CUDA; on a small model, sparse == dense with every
+#                              neuron active at budgets 0/40/100% and with split layers (55/85%); then
+#                              starts the 7B- and 13B-shape pairs (pi-synth --pi) in their own session
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
 #                              -ngl and -ot vs ours) and a profile (all-GPU, all layers split)
