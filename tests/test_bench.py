@@ -115,3 +115,23 @@ def test_pi_bench_ours_bad_input_is_one_line(tiny_pi, tmp_path, args, msg):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
+    """--sweep: one run per budget, the sweep table, the plot, and a JSON that load_results reads
+    back into the same table (how results made on the GPU machine are rendered here)."""
+    from powerinfer_gguf import bench
+    _, ours, twin = tiny_pi
+    j, png = tmp_path / "s.json", tmp_path / "s.png"
+    r = _cli(str(ours), "--stock", str(twin), "--sweep", "0,0", "-p", "0", "-n", "8", "-r", "1", "-t", "2",
+             "--json", str(j), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "| budget | share of weights |" in r.stdout
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 0.00 GiB | 0% | -ngl 0/5 |")]
+    assert len(rows) == 2
+    back = bench.load_results(j)
+    assert len(back) == 2 and back[0].sides["ours"].tg_samples == json.loads(j.read_text())[0]["ours"]["tg_samples"]
+    assert bench.render_sweep_table(back).splitlines()[-2:] == r.stdout.strip().splitlines()[-2:]
+    assert png.stat().st_size > 1000
+    bad = _cli(str(ours), "--stock", str(twin), "--sweep", ",")
+    assert bad.returncode == 1 and "at least one budget" in bad.stderr
