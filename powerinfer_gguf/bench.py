@@ -618,10 +618,15 @@ def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def write_json(res: BenchResult, path: str | os.PathLike) -> None:
+def _write_json_atomic(obj, path: str | os.PathLike) -> None:
+    """No half-written file: written beside, then renamed over."""
     tmp = Path(str(path) + ".part")
-    tmp.write_text(json.dumps(res.to_json(), indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def write_json(res: BenchResult | DecodeProfile, path: str | os.PathLike) -> None:
+    _write_json_atomic(res.to_json(), path)
 
 
 # --- budget sweep ---------------------------------------------------------------------------------
@@ -702,9 +707,7 @@ def load_results(path: str | os.PathLike) -> list[BenchResult]:
 
 
 def write_sweep_json(results: list[BenchResult], path: str | os.PathLike) -> None:
-    tmp = Path(str(path) + ".part")
-    tmp.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
-    os.replace(tmp, path)
+    _write_json_atomic([r.to_json() for r in results], path)
 
 
 # --- quality: sparse against dense on the same file ---------------------------------------------
@@ -771,3 +774,97 @@ def sparse_quality(path: str, prompt: str = "The history of the language", n_tok
     dense.close()
     sparse.close()
     return SparseQuality(n_tokens, float(same.mean()), first, agree / n_tokens, err / max(top, 1e-30), share)
+
+
+# --- profile: where a decoded token's time goes ---------------------------------------------------
+
+
+@dataclass
+class DecodeProfile:
+    """Ours through the Python API, one token per decode: the token's wall time, and the part of
+    it the CPU sparse FFN kernel took (its own clock, patches/0010) with the bytes it read."""
+
+    model: str
+    budget_bytes: int
+    threads: int
+    n_tokens: int
+    token_ms: float          # wall time per decoded token (llama_decode + greedy pick)
+    cpu_ffn_ms: float        # of it, inside the CPU sparse FFN kernel, all layers
+    cpu_ffn_bytes: float     # bytes of FFN rows the CPU kernel read per token
+    cpu_threads: int         # threads that kernel ran with (0: it never ran)
+    layers: list = field(default_factory=list)      # LayerStats per layer
+    placement: list = field(default_factory=list)   # LayerPlacement per layer (under a budget)
+
+    @property
+    def rest_ms(self) -> float:
+        """Everything but the CPU FFN: attention, predictors, output, GPU work, hand-offs."""
+        return self.token_ms - self.cpu_ffn_ms
+
+    @property
+    def cpu_gbps(self) -> float:
+        return self.cpu_ffn_bytes / (self.cpu_ffn_ms * 1e6) if self.cpu_ffn_ms else 0.0
+
+    def render(self) -> str:
+        n_cpu = sum(1 for s in self.layers if s.cpu_threads)
+        lines = [f"profile: {self.model}, VRAM budget {self.budget_bytes / GiB:.2f} GiB, {self.threads} threads, "
+                 f"{self.n_tokens} decoded tokens",
+                 f"per token: {self.token_ms:.2f} ms ({1e3 / self.token_ms:.2f} t/s)" if self.token_ms else "per token: -",
+                 f"  CPU sparse FFN: {self.cpu_ffn_ms:.2f} ms ({self.cpu_ffn_ms / self.token_ms:.0%}) in {n_cpu}/"
+                 f"{len(self.layers)} layers, {self.cpu_ffn_bytes / 1e6:.1f} MB of rows at {self.cpu_gbps:.1f} GB/s, "
+                 f"{self.cpu_threads} threads" if self.token_ms else "",
+                 f"  the rest: {self.rest_ms:.2f} ms (attention, predictors, output, GPU work, CPU-GPU hand-offs)",
+                 "", "| layer | rows computed | CPU ms/token | CPU GB/s | GPU rows |", "|---:|---:|---:|---:|---:|"]
+        gpu = {p.layer: p.gpu_rows for p in self.placement}
+        for s in self.layers:
+            lines.append(f"| {s.layer} | {s.computed_share:.3f} | {s.cpu_ms_per_token:.3f} | {s.cpu_gbps:.1f} | "
+                         f"{gpu.get(s.layer, 0)} |")
+        return "\n".join(ln for ln in lines if ln is not None)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in ("model", "budget_bytes", "threads", "n_tokens", "token_ms",
+                                            "cpu_ffn_ms", "cpu_ffn_bytes", "cpu_threads")}
+        d["rest_ms"], d["cpu_gbps"] = self.rest_ms, self.cpu_gbps
+        d["layers"] = [asdict(s) for s in self.layers]
+        d["placement"] = [asdict(p) for p in self.placement]
+        return d
+
+
+def profile_decode(path: str, budget: str | int = 0, n_threads: int | None = None, n_prompt: int = 64,
+                   n_gen: int = 64, prompt: str = "The history of the language") -> DecodeProfile:
+    """Decode ``n_gen`` tokens greedily after an ``n_prompt``-token prompt and split the time
+    per token into the CPU sparse FFN (the kernel's own counters) and the rest."""
+    import time
+
+    import llama_cpp
+
+    from . import Llama
+
+    if n_gen < 1 or n_prompt < 1:
+        raise ValueError("the profile needs at least one prompt and one decoded token")
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such model file")
+    threads = n_threads or os.cpu_count() or 1
+    llm = Llama(str(path), vram_budget=budget, n_ctx=n_prompt + n_gen + 8, n_threads=threads,
+                n_batch=max(n_prompt, 8), verbose=False)
+    try:
+        if llm.sparse_mode == "stock":
+            raise ValueError(f"{path} has no sparse layout: nothing to profile (pi-convert makes one)")
+        toks = llm.tokenize(prompt.encode())
+        toks = (toks * (n_prompt // max(len(toks), 1) + 1))[:n_prompt]
+        llm.reset()
+        llm.eval(toks)
+        llm.reset_sparse_stats()
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(logits.argmax())])
+        wall = time.perf_counter() - t0
+        layers, placement = llm.sparse_stats(), llm.placement()
+    finally:
+        llm.close()
+    cpu_ns = sum(s.cpu_ns for s in layers)
+    cpu_bytes = sum(s.cpu_bytes for s in layers)
+    return DecodeProfile(str(path), int(llm.vram_budget), threads, n_gen, 1e3 * wall / n_gen,
+                         cpu_ns / 1e6 / n_gen, cpu_bytes / n_gen,
+                         max((s.cpu_threads for s in layers), default=0), layers,
+                         placement if int(llm.vram_budget) != 0 else [])

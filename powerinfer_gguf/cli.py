@@ -89,14 +89,25 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("--sweep", default=None,
               help="comma-separated budgets (e.g. 0,10%,20%,40%,70%,100%): one run each, a table and "
                    "(--plot) decode speed against the budget")
+@click.option("--profile", is_flag=True,
+              help="instead: decode -n tokens with ours through the Python API and show where a token's time "
+                   "goes (CPU sparse FFN per layer, its GB/s and threads, the rest)")
 @one_line_errors
-def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, sweep):
+def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, sweep,
+              profile):
     """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
 
     MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
     GPU, stock runs both of its ways to use a small GPU (-ngl layer offload, -ot attention on the
     GPU and FFN on the CPU) and the faster one is compared."""
     from . import bench
+
+    if profile:
+        prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
+        click.echo(prof.render())
+        if json_path:
+            bench.write_json(prof, json_path)
+        return
 
     if sweep:
         results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],

@@ -56,7 +56,8 @@ def check_patched(expected_series: str | None = None) -> LibInfo:
 class _LayerStatsC(ctypes.Structure):
     # include/llama-powerinfer.h: struct llama_pi_layer_stats
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_evals", "n_tokens", "n_rows", "n_predicted", "n_fired")]
+                ("n_evals", "n_tokens", "n_rows", "n_predicted", "n_fired",
+                 "cpu_bytes", "cpu_ns", "cpu_threads")]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ class LayerStats:
     neurons: int       # n_ff: neurons per token
     predicted: int     # neurons predicted active, summed over tokens: rows read
     fired: int         # of those, neurons with a non-zero activation
+    cpu_bytes: int = 0    # bytes of FFN rows the CPU kernel read (rows on the GPU not counted)
+    cpu_ns: int = 0       # wall time in the CPU kernel
+    cpu_threads: int = 0  # threads of its last evaluation (0: the CPU kernel never ran)
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return self.cpu_ns / 1e6 / self.tokens if self.tokens else 0.0
+
+    @property
+    def cpu_gbps(self) -> float:
+        """GB/s of rows read by the CPU kernel while it ran."""
+        return self.cpu_bytes / self.cpu_ns if self.cpu_ns else 0.0
 
     @property
     def predicted_per_token(self) -> float:
@@ -231,8 +244,8 @@ def _make_llama_class():
             return {0: "stock", 1: "sparse", 2: "dense"}[int(code)]
 
         def sparse_stats(self) -> list[LayerStats]:
-            """Per layer: tokens, neurons predicted (rows read) and fired, since load or reset.
-            Empty for a file without our layout."""
+            """Per layer: tokens, neurons predicted (rows read) and fired, and the CPU kernel's
+            bytes read, time and threads, since load or reset. Empty for a file without our layout."""
             lib = llama_cpp.llama_cpp._lib
             out = []
             n_ff = self._n_ff()
@@ -240,7 +253,8 @@ def _make_llama_class():
                 st = _LayerStatsC()
                 if lib.llama_pi_get_layer_stats(self.model, il, ctypes.byref(st)) != 0:
                     return []
-                out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired)))
+                out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired),
+                                      int(st.cpu_bytes), int(st.cpu_ns), int(st.cpu_threads)))
             return out
 
         def placement(self) -> list[LayerPlacement]:

@@ -4,8 +4,9 @@ and the AddressSanitizer run (tools/asan-loader.sh).
 Every key and tensor we add is corrupted in turn (wrong type, wrong value, wrong length, NaN, absent,
 out-of-range rank), plus truncations and seeded random byte flips of the header. Each case says
 whether the load must fail ("error", with a fragment the message must contain) or may either run or
-fail ("any"). `python tests/loader_cases.py DIR SRC` writes the cases and runs them all in this
-process, one line per case; a crash kills the process, and the last "START" line names the case.
+fail ("any"). `python tests/loader_cases.py DIR SRC` runs them all in this process, one line per
+case; a crash kills the process, and the last "START" line names the case. Each case's file is
+written just before it runs and deleted after: 81 copies of even a tiny model are ~2.5 GB.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def _rewrite(src: Path, dst: Path, kv: Callable | None = None, tensors: Callable
     w.close()
 
 
-def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
+def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None]]]:
+    """Every case, its file's path and the function that writes that file (called when it runs)."""
     import gguf
 
     V = gguf.GGUFValueType
@@ -70,7 +72,7 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
     n_embd = int(r.fields["llama.embedding_length"].contents())
     n_ff = int(r.fields["llama.feed_forward_length"].contents())
     last = n_layer - 1
-    cases: list[tuple[Case, Path]] = []
+    cases: list[tuple[Case, Path, Callable[[], None]]] = []
 
     def key_case(name, expect, fragment, key, new):
         def kv(k, value, vtype, sub):
@@ -78,13 +80,11 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
                 return value, vtype, sub
             return None if new == "drop" else new
         p = out / f"{name}.gguf"
-        _rewrite(src, p, kv=kv)
-        cases.append((Case(name, expect, fragment), p))
+        cases.append((Case(name, expect, fragment), p, lambda: _rewrite(src, p, kv=kv)))
 
     def tensor_case(name, expect, fragment, fn, extra=None):
         p = out / f"{name}.gguf"
-        _rewrite(src, p, tensors=fn, extra=extra)
-        cases.append((Case(name, expect, fragment), p))
+        cases.append((Case(name, expect, fragment), p, lambda: _rewrite(src, p, tensors=fn, extra=extra)))
 
     def edit(target, fn):
         return lambda n, a: fn(n, a) if n == target else (n, a)
@@ -110,8 +110,9 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
             ("maxtok-str", "powerinfer.runtime.sparse_max_tokens", "9", V.STRING, "not a 32-bit integer"),
             ("rt-all-str", "powerinfer.runtime.all_active", "yes", V.STRING, "")):
         p = out / f"{name}.gguf"
-        _rewrite(src, p, add_keys=[(key, value, vtype)])
-        cases.append((Case(name, "error" if fragment else "any", fragment), p))
+        keys = [(key, value, vtype)]
+        cases.append((Case(name, "error" if fragment else "any", fragment), p,
+                      lambda p=p, keys=keys: _rewrite(src, p, add_keys=keys)))
 
     # tensors, first and last layer
     for il in (0, last):
@@ -148,20 +149,28 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path]]:
                     extra=[(b + "ffn_up.bias", np.zeros(n_ff, np.float32))])
 
     # truncations and byte flips
-    data = src.read_bytes()
+    size = src.stat().st_size
+
+    def truncated(p: Path, n: int) -> Callable[[], None]:
+        return lambda: p.write_bytes(src.read_bytes()[:n])
+
+    def flipped(p: Path, flips: list[tuple[int, int]]) -> Callable[[], None]:
+        def write() -> None:
+            buf = bytearray(src.read_bytes())
+            for pos, byte in flips:
+                buf[pos] = byte
+            p.write_bytes(bytes(buf))
+        return write
+
     for frac in (0.0005, 0.01, 0.3, 0.9, 0.9999):
         p = out / f"trunc-{frac}.gguf"
-        p.write_bytes(data[: int(len(data) * frac)])
-        cases.append((Case(f"trunc-{frac}", "error", ""), p))
+        cases.append((Case(f"trunc-{frac}", "error", ""), p, truncated(p, int(size * frac))))
     rng = np.random.default_rng(1234)
-    header = min(len(data), _header_size(r))
+    header = min(size, _header_size(r))
     for i in range(24):
-        buf = bytearray(data)
-        for pos in rng.integers(0, header, size=int(rng.integers(1, 6))):
-            buf[int(pos)] = int(rng.integers(0, 256))
+        flips = [(int(pos), int(rng.integers(0, 256))) for pos in rng.integers(0, header, size=int(rng.integers(1, 6)))]
         p = out / f"flip-{i:02d}.gguf"
-        p.write_bytes(bytes(buf))
-        cases.append((Case(f"flip-{i:02d}", "any"), p))
+        cases.append((Case(f"flip-{i:02d}", "any"), p, flipped(p, flips)))
     return cases
 
 
@@ -185,7 +194,10 @@ def run_case(path: Path) -> str:
 if __name__ == "__main__":
     out, src = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    for case, path in make_cases(src, out):
+    for case, path, write in make_cases(src, out):
         print(f"START {case.name}", flush=True)
-        print(f"CASE {case.name} {case.expect} {case.fragment!r} -> {run_case(path)}", flush=True)
+        write()
+        outcome = run_case(path)
+        path.unlink()
+        print(f"CASE {case.name} {case.expect} {case.fragment!r} -> {outcome}", flush=True)
     print("DONE", flush=True)

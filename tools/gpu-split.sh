@@ -6,7 +6,8 @@
 #                              starts the 7B- and 13B-shape pairs (pi-synth --pi) in their own session
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
-#                              -ngl and -ot vs ours) and a profile (all-GPU, all layers split)
+#                              -ngl and -ot vs ours) and a profile (all-GPU, all layers split; pi-bench
+#                              --profile at 0 and BUDGET: CPU kernel ms, GB/s, threads per token)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
 #   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
@@ -64,6 +65,12 @@ head)
         echo "rows_pinned=$pinned: $($B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
             --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
             --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep tg32 | cut -c1-160)"
+    done | tee -a "$OUT/$P-profile.txt"
+    # where a token's time goes (patches/0010): the CPU kernel's own clock, GB/s and threads, at
+    # budget 0 (the CUDA build's CPU path) and at the head-to-head budget
+    for b in 0 ${BUDGET:-40%}; do
+        python3 -m powerinfer_gguf bench $M/$P.pi.gguf --profile --vram-budget $b -t 16 -p 16 -n 32 \
+            --json "$OUT/$P-decode-profile-${b%\%}.json" 2>&1 | head -5
     done | tee -a "$OUT/$P-profile.txt"
     el "profile done"
     ;;

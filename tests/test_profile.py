@@ -1,0 +1,85 @@
+"""Patch 0010 and pi-bench --profile: the CPU sparse FFN kernel counts the bytes of rows it reads,
+its time and its threads; the profile splits a decoded token's time into that kernel and the rest."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from powerinfer_gguf.format import Keys
+
+TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354]
+
+
+def _stats(path, n_threads=2, **kw):
+    from powerinfer_gguf import Llama
+    llm = Llama(str(path), n_ctx=64, n_batch=64, n_threads=n_threads, verbose=False, **kw)
+    for t in TOKENS:
+        llm.eval([t])
+    st = llm.sparse_stats()
+    n_embd = int(llm.metadata["llama.embedding_length"])
+    llm.close()
+    return st, n_embd
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_cpu_kernel_counts_bytes_time_and_threads(tiny_pi, n_threads):
+    """Rows read = a gate row per predicted neuron, an up row per gate that fires, a down row per
+    non-zero activation: between the two bounds that follow from the predicted and fired counts."""
+    _, ours, _ = tiny_pi
+    stats, n_embd = _stats(ours, n_threads)
+    row = 4 * n_embd  # F32 rows
+    for s in stats:
+        assert s.tokens == len(TOKENS) and 0 < s.fired < s.predicted
+        assert s.predicted * row + 2 * s.fired * row <= s.cpu_bytes <= 2 * s.predicted * row + s.fired * row, s
+        assert s.cpu_ns > 0 and s.cpu_threads == n_threads
+        assert s.cpu_gbps > 0 and s.cpu_ms_per_token > 0
+
+
+def test_split_parts_count_the_same_bytes_as_the_whole(tiny_pi):
+    """Rows read do not depend on where a layer is cut: both CPU parts of a split count, and their
+    sum is the whole layer's count exactly."""
+    _, ours, _ = tiny_pi
+    whole, _ = _stats(ours)
+    split, _ = _stats(ours, kv_overrides={Keys.Runtime.DEV_ROWS: 128})
+    for w, s in zip(whole, split):
+        assert (w.predicted, w.fired, w.cpu_bytes) == (s.predicted, s.fired, s.cpu_bytes)
+
+
+def test_all_active_reads_every_gate_row(tiny_pi):
+    _, ours, _ = tiny_pi
+    stats, n_embd = _stats(ours, all_active=True)
+    for s in stats:
+        assert s.predicted == s.tokens * s.neurons
+        assert s.cpu_bytes >= s.predicted * 4 * n_embd
+
+
+def test_dense_path_counts_no_cpu_kernel_time(tiny_pi):
+    _, ours, _ = tiny_pi
+    stats, _ = _stats(ours, sparse=False)
+    assert all(s.cpu_ns == 0 and s.cpu_bytes == 0 and s.cpu_threads == 0 for s in stats)
+
+
+def test_pi_bench_profile_splits_the_token_time(tiny_pi, tmp_path):
+    _, ours, _ = tiny_pi
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, "-m", "powerinfer_gguf", "bench", str(ours), "--profile",
+                        "-t", "2", "-p", "8", "-n", "16", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "CPU sparse FFN" in r.stdout and "the rest" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["n_tokens"] == 16 and d["cpu_threads"] == 2 and len(d["layers"]) == 4
+    assert 0 < d["cpu_ffn_ms"] < d["token_ms"] and d["rest_ms"] > 0
+    assert d["cpu_ffn_bytes"] == pytest.approx(sum(s["cpu_bytes"] for s in d["layers"]) / 16)
+    assert d["cpu_gbps"] > 0
+
+
+def test_pi_bench_profile_of_a_plain_gguf_is_one_line(tiny_pi):
+    _, _, twin = tiny_pi
+    r = subprocess.run([sys.executable, "-m", "powerinfer_gguf", "bench", str(twin), "--profile", "-n", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "has no sparse layout" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
