@@ -274,6 +274,7 @@ def patched_source() -> Path:
             raise BuildError(f"{dest} (vendor/llama.cpp) has uncommitted edits: make them a patch in "
                              "patches/ or discard them (git -C vendor/llama.cpp stash) and run set-up again")
         stamp.unlink(missing_ok=True)
+        before = _patched_files_state(dest)
         _git(["reset", "-q", "--hard", "stock"], dest, "reset to stock", logfile)
         for p in patch_files():
             try:
@@ -283,6 +284,7 @@ def patched_source() -> Path:
                 raise BuildError(f"patches/{p.name} no longer applies to llama.cpp {LLAMA_CPP_COMMIT}; "
                                  f"log: {logfile}") from e
             _git(["commit", "-q", "-m", p.name], dest, f"commit {p.name}", logfile)
+        _keep_unchanged_mtimes(dest, before)
         stamp.write_text(want + "\n")
     link = REPO_ROOT / "vendor" / "llama.cpp"
     link.parent.mkdir(exist_ok=True)
@@ -291,6 +293,27 @@ def patched_source() -> Path:
             link.unlink(missing_ok=True)
             link.symlink_to(dest)
     return dest
+
+
+def _patched_files_state(tree: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every file the applied patches touch (against the stock tag)."""
+    r = subprocess.run(["git", "diff", "--name-only", "stock", "HEAD"], cwd=tree, capture_output=True, text=True)
+    state = {}
+    for name in r.stdout.split() if r.returncode == 0 else []:
+        f = tree / name
+        if f.is_file():
+            state[name] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+    return state
+
+
+def _keep_unchanged_mtimes(tree: Path, before: dict[str, tuple[str, int]]) -> None:
+    """A re-apply rewrites every patched file; those whose content came out the same get their old
+    mtime back, so the incremental build recompiles what really changed (a patch that touches a
+    header as widely included as ggml.h otherwise rebuilds most of the tree: ~7 min here)."""
+    for name, (digest, mtime) in before.items():
+        f = tree / name
+        if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == digest:
+            os.utime(f, ns=(mtime, mtime))
 
 
 def _init_tree(stock: Path, tmp: Path, logfile: Path) -> None:

@@ -66,6 +66,39 @@ def test_patch_that_no_longer_applies_is_named(tmp_path, monkeypatch):
     assert (tmp_path / "vendor" / "llama.cpp").resolve() == tree.resolve()
 
 
+def test_reapply_keeps_mtimes_of_unchanged_files(tmp_path, monkeypatch):
+    """A changed patches/ is re-applied over the stock commit; files whose content comes out the
+    same keep their mtime (the incremental build skips them), changed ones get a new one."""
+    import os
+    monkeypatch.setenv("PI_SDIST", str(build.sdist_path()))
+    monkeypatch.setenv("PI_CACHE", str(tmp_path / "cache"))
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    first, second = build.patch_files()[:2]
+    (patches / first.name).write_text(first.read_text())
+    (patches / second.name).write_text(second.read_text())
+    monkeypatch.setattr(build, "PATCHES_DIR", patches)
+    monkeypatch.setattr(build, "REPO_ROOT", tmp_path)
+    tree = build.patched_source()
+    api_h, impl_h = tree / "include" / "llama-powerinfer.h", tree / "src" / "llama-powerinfer-impl.h"
+    old = 1_000_000_000 * 10**9  # 2001: older than any write the re-apply makes
+    for f in (api_h, impl_h):
+        os.utime(f, ns=(old, old))
+    # the second patch's header text changes (new hash, same content): nothing it touches changes
+    body = second.read_text().split("diff --git", 1)[1]
+    (patches / second.name).write_text("Subject: reworded\n\ndiff --git" + body)
+    assert build.patched_source() == tree
+    assert api_h.stat().st_mtime_ns == old and impl_h.stat().st_mtime_ns == old
+    # without the second patch: its new file is gone, a file both patches edit changes (new
+    # mtime), the first patch's own header does not (old mtime)
+    both = tree / "src" / "llama-powerinfer.cpp"
+    os.utime(both, ns=(old, old))
+    (patches / second.name).unlink()
+    build.patched_source()
+    assert api_h.stat().st_mtime_ns == old and not impl_h.exists()
+    assert both.stat().st_mtime_ns > old
+
+
 def test_missing_tool_says_run_setup(monkeypatch, tmp_path):
     monkeypatch.setenv("PI_CACHE", str(tmp_path))
     monkeypatch.setenv("PI_SDIST", str(build.sdist_path()))

@@ -160,3 +160,44 @@ def test_bad_override_type_names_the_key(tiny_pi):
     _, ours, _ = tiny_pi
     with pytest.raises(ValueError, match="powerinfer.runtime.sparse must be a bool"):
         _llm(ours, kv_overrides={"powerinfer.runtime.sparse": 3})
+
+
+_BUNDLE_PROBE = """
+import sys, numpy as np
+from powerinfer_gguf import Llama
+llm = Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=int(sys.argv[3]), verbose=False, logits_all=True)
+toks = [int(t) for t in sys.argv[4].split(",")]
+for t in toks[:8]:
+    llm.eval([t])          # decode: one token per evaluation
+llm.eval(toks[8:])         # and one many-token ubatch
+np.save(sys.argv[2], np.array(llm.scores[: len(toks)]))
+"""
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype):
+    """patches/0011: fired rows added to the accumulator 8 (then 4) at a time give what adding
+    them one by one gives (GGML_PI_BUNDLE=1, read once per process: hence subprocesses)."""
+    import os
+    import subprocess
+    import sys
+
+    from powerinfer_gguf.convert import convert
+    _, hf = tiny_model
+    path = tmp_path / f"b-{outtype}.pi.gguf"
+    convert(hf, path, outtype=outtype, calib_tokens=512, progress=False, log=lambda m: None)
+    out = {}
+    for bundle in ("1", "4", "8"):
+        for threads in (1, 3):
+            f = tmp_path / f"logits-{bundle}-{threads}.npy"
+            r = subprocess.run([sys.executable, "-c", _BUNDLE_PROBE, str(path), str(f), str(threads),
+                                ",".join(map(str, TOKENS))], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "GGML_PI_BUNDLE": bundle})
+            assert r.returncode == 0, r.stderr[-2000:]
+            out[bundle, threads] = np.load(f)
+    for (bundle, threads), logits in out.items():
+        # against one row at a time on as many threads (other thread counts sum in another order):
+        # F16 rows get the same fused multiply-adds in the same order; F32 the compiler's vector code
+        ref = out["1", threads]
+        assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max(), (bundle, threads)
+        assert (logits.argmax(-1) == ref.argmax(-1)).all(), (bundle, threads)
