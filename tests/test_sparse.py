@@ -174,7 +174,7 @@ np.save(sys.argv[2], np.array(llm.scores[: len(toks)]))
 """
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype):
     """patches/0011: fired rows added to the accumulator 8 (then 4) at a time give what adding
     them one by one gives (GGML_PI_BUNDLE=1, read once per process: hence subprocesses)."""
@@ -197,7 +197,7 @@ def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype):
             out[bundle, threads] = np.load(f)
     for (bundle, threads), logits in out.items():
         # against one row at a time on as many threads (other thread counts sum in another order):
-        # F16 rows get the same fused multiply-adds in the same order; F32 the compiler's vector code
+        # F16/BF16 rows get the same fused multiply-adds in the same order; F32 the compiler's code
         ref = out["1", threads]
         assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max(), (bundle, threads)
         assert (logits.argmax(-1) == ref.argmax(-1)).all(), (bundle, threads)
