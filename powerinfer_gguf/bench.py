@@ -812,7 +812,8 @@ class DecodeProfile:
                  f"  CPU sparse FFN: {self.cpu_ffn_ms:.2f} ms ({self.cpu_ffn_ms / self.token_ms:.0%}) in {n_cpu}/"
                  f"{len(self.layers)} layers, {self.cpu_ffn_bytes / 1e6:.1f} MB of rows at {self.cpu_gbps:.1f} GB/s, "
                  f"{self.cpu_threads} threads" if self.token_ms else "",
-                 f"  the rest: {self.rest_ms:.2f} ms (attention, predictors, output, GPU work, CPU-GPU hand-offs)",
+                 f"  the rest: {self.rest_ms:.2f} ms (attention, predictors, output, GPU work, CPU-GPU hand-offs, "
+                 "the Python loop's greedy pick)",
                  "", "| layer | rows computed | CPU ms/token | CPU GB/s | GPU rows |", "|---:|---:|---:|---:|---:|"]
         gpu = {p.layer: p.gpu_rows for p in self.placement}
         for s in self.layers:

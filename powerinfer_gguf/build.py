@@ -297,9 +297,11 @@ def patched_source() -> Path:
 
 def _patched_files_state(tree: Path) -> dict[str, tuple[str, int]]:
     """Content hash and mtime of every file the applied patches touch (against the stock tag)."""
-    r = subprocess.run(["git", "diff", "--name-only", "stock", "HEAD"], cwd=tree, capture_output=True, text=True)
+    r = subprocess.run(["git", "diff", "-z", "--name-only", "stock", "HEAD"], cwd=tree, capture_output=True, text=True)
     state = {}
-    for name in r.stdout.split() if r.returncode == 0 else []:
+    for name in r.stdout.split("\0") if r.returncode == 0 else []:
+        if not name:
+            continue
         f = tree / name
         if f.is_file():
             state[name] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)

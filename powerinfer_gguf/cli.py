@@ -103,6 +103,8 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
     from . import bench
 
     if profile:
+        if stock_model or sweep or plot_path:
+            raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep or --plot")
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
         if json_path:

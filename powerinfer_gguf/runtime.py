@@ -69,7 +69,8 @@ class LayerStats:
     neurons: int       # n_ff: neurons per token
     predicted: int     # neurons predicted active, summed over tokens: rows read
     fired: int         # of those, neurons with a non-zero activation
-    cpu_bytes: int = 0    # bytes of FFN rows the CPU kernel read (rows on the GPU not counted)
+    cpu_bytes: int = 0    # bytes of FFN rows the CPU kernel processed, per token of a ubatch
+                          # (decode: rows read from memory; rows on the GPU not counted)
     cpu_ns: int = 0       # wall time in the CPU kernel
     cpu_threads: int = 0  # threads of its last evaluation (0: the CPU kernel never ran)
 
@@ -79,7 +80,8 @@ class LayerStats:
 
     @property
     def cpu_gbps(self) -> float:
-        """GB/s of rows read by the CPU kernel while it ran."""
+        """GB/s of rows processed by the CPU kernel while it ran (in decode: read from memory;
+        a many-token ubatch counts a row once per token that uses it)."""
         return self.cpu_bytes / self.cpu_ns if self.cpu_ns else 0.0
 
     @property

@@ -174,18 +174,25 @@ np.save(sys.argv[2], np.array(llm.scores[: len(toks)]))
 """
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
-def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype):
+@pytest.mark.parametrize("outtype,n_embd", [("f32", 256), ("f16", 256), ("bf16", 256), ("f16", 268), ("f32", 268)])
+def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype, n_embd):
     """patches/0011: fired rows added to the accumulator 8 (then 4) at a time give what adding
-    them one by one gives (GGML_PI_BUNDLE=1, read once per process: hence subprocesses)."""
+    them one by one gives (GGML_PI_BUNDLE=1, read once per process: hence subprocesses).
+    n_embd 268 = 16 x 16 + 8 + 4: the AVX-512 loop, the AVX2 remainder and the scalar tail."""
     import os
     import subprocess
     import sys
+    from dataclasses import replace
 
     from powerinfer_gguf.convert import convert
-    _, hf = tiny_model
-    path = tmp_path / f"b-{outtype}.pi.gguf"
-    convert(hf, path, outtype=outtype, calib_tokens=512, progress=False, log=lambda m: None)
+    from powerinfer_gguf.synth import hparams_for, synthesize
+    path = tmp_path / f"b-{outtype}-{n_embd}.pi.gguf"
+    if n_embd == 256:
+        _, hf = tiny_model
+        convert(hf, path, outtype=outtype, calib_tokens=512, progress=False, log=lambda m: None)
+    else:
+        hp = replace(hparams_for("tiny"), n_embd=n_embd, n_head=2, n_head_kv=1, n_layer=2)
+        synthesize(tmp_path / "twin.gguf", "tiny", outtype=outtype, hparams=hp, pi_out=path, progress=False)
     out = {}
     for bundle in ("1", "4", "8"):
         for threads in (1, 3):
