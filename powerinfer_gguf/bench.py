@@ -808,10 +808,10 @@ class DecodeProfile:
         n_cpu = sum(1 for s in self.layers if s.cpu_threads)
         lines = [f"profile: {self.model}, VRAM budget {self.budget_bytes / GiB:.2f} GiB, {self.threads} threads, "
                  f"{self.n_tokens} decoded tokens",
-                 f"per token: {self.token_ms:.2f} ms ({1e3 / self.token_ms:.2f} t/s)" if self.token_ms else "per token: -",
+                 f"per token: {self.token_ms:.2f} ms ({1e3 / self.token_ms:.2f} t/s)",
                  f"  CPU sparse FFN: {self.cpu_ffn_ms:.2f} ms ({self.cpu_ffn_ms / self.token_ms:.0%}) in {n_cpu}/"
                  f"{len(self.layers)} layers, {self.cpu_ffn_bytes / 1e6:.1f} MB of rows at {self.cpu_gbps:.1f} GB/s, "
-                 f"{self.cpu_threads} threads" if self.token_ms else "",
+                 f"{self.cpu_threads} threads",
                  f"  the rest: {self.rest_ms:.2f} ms (attention, predictors, output, GPU work, CPU-GPU hand-offs, "
                  "the Python loop's greedy pick)",
                  "", "| layer | rows computed | CPU ms/token | CPU GB/s | GPU rows |", "|---:|---:|---:|---:|---:|"]
@@ -819,7 +819,7 @@ class DecodeProfile:
         for s in self.layers:
             lines.append(f"| {s.layer} | {s.computed_share:.3f} | {s.cpu_ms_per_token:.3f} | {s.cpu_gbps:.1f} | "
                          f"{gpu.get(s.layer, 0)} |")
-        return "\n".join(ln for ln in lines if ln is not None)
+        return "\n".join(lines)
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in ("model", "budget_bytes", "threads", "n_tokens", "token_ms",
