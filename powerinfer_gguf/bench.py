@@ -793,7 +793,7 @@ class DecodeProfile:
     cpu_ffn_bytes: float     # bytes of FFN rows the CPU kernel read per token
     cpu_threads: int         # threads that kernel ran with (0: it never ran)
     layers: list = field(default_factory=list)      # LayerStats per layer
-    placement: list = field(default_factory=list)   # LayerPlacement per layer (under a budget)
+    placement: list = field(default_factory=list)   # LayerPlacement per layer
 
     @property
     def rest_ms(self) -> float:
@@ -867,5 +867,4 @@ def profile_decode(path: str, budget: str | int = 0, n_threads: int | None = Non
     cpu_bytes = sum(s.cpu_bytes for s in layers)
     return DecodeProfile(str(path), int(llm.vram_budget), threads, n_gen, 1e3 * wall / n_gen,
                          cpu_ns / 1e6 / n_gen, cpu_bytes / n_gen,
-                         max((s.cpu_threads for s in layers), default=0), layers,
-                         placement if int(llm.vram_budget) != 0 else [])
+                         max((s.cpu_threads for s in layers), default=0), layers, placement)
