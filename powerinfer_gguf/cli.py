@@ -100,11 +100,16 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
     MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
     GPU, stock runs both of its ways to use a small GPU (-ngl layer offload, -ot attention on the
     GPU and FFN on the CPU) and the faster one is compared."""
-    from . import bench
-
     if profile:
         if stock_model or sweep or plot_path:
             raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep or --plot")
+        # libllama before numpy: in the GPU machine's Python (numpy 2.5) numpy first and then
+        # libggml's load segfaults, with no Python frame to show (seen there, 2026-12-01)
+        from . import Llama
+        Llama  # noqa: B018  (resolved lazily: force the load now)
+    from . import bench
+
+    if profile:
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
         if json_path:

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
-# budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive):
+# budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive); each
+# measuring step runs with nothing else on the machine (a synthesis beside it would share the CPU's
+# memory bandwidth with both sides' cold rows):
 #   tools/gpu-split.sh prep    builds both sides with CUDA; on a small model, sparse == dense with every
 #                              neuron active at budgets 0/40/100% and with split layers (55/85%); then
-#                              starts the 7B- and 13B-shape pairs (pi-synth --pi) in their own session
+#                              starts the PRESETS (default 7b) pair (pi-synth --pi) in its own session
+#   PRESET=13b tools/gpu-split.sh synth
+#                              starts that pair in its own session (other presets' files removed first)
+#   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, down rows
+#                              bundled 8/4/1 (GGML_PI_BUNDLE), 2 MB pages
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
-#                              -ngl and -ot vs ours) and a profile (all-GPU, all layers split; pi-bench
-#                              --profile at 0 and BUDGET: CPU kernel ms, GB/s, threads per token)
+#                              -ngl and -ot vs ours)
+#   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh profile
+#                              all-GPU against all layers split; rows_pinned A/B; pi-bench --profile
+#                              at 0 and BUDGET (CPU kernel ms, GB/s, threads per token)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
 #   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
@@ -20,10 +28,26 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 P=${PRESET:-13b}
-# /dev/shm when it holds both files (2 x 26 GB at 13B), else the disk
-M=/dev/shm/pi
-[ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
+# /dev/shm when it holds a pair (2 x 26 GB at 13B), else the disk; chosen once, when the first
+# synthesis starts (a later call sees /dev/shm filling and must not choose again)
+if [ -f /tmp/pi-models-dir ]; then
+    M=$(cat /tmp/pi-models-dir)
+else
+    M=/dev/shm/pi
+    [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
+fi
 mkdir -p $M
+start_synth() {  # presets, one after the other, in their own session
+    echo $M > /tmp/pi-models-dir
+    for p in "$@"; do
+        for f in $M/*.gguf; do case "$f" in $M/$p.*) ;; *) rm -f "$f" ;; esac; done
+        rm -f $M/$p.synth.rc
+    done
+    setsid bash -c "for p in $*; do OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
+        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
+        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
+    el "synthesis of $* started in $M"
+}
 
 case "${1:-}" in
 prep)
@@ -40,17 +64,28 @@ prep)
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
-    setsid bash -c "for p in ${PRESETS:-7b 13b}; do OMP_NUM_THREADS=6 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
-        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
-        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
+    start_synth ${PRESETS:-7b}
+    ;;
+synth)
+    start_synth $P
+    ;;
+kernel)
+    for b in 8 4 1; do
+        echo "GGML_PI_BUNDLE=$b"
+        GGML_PI_BUNDLE=$b PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp tools/kernel-bench.sh 5120 13824 8 16 5 0.05 0.1 0.2
+    done | tee "$OUT/kernel-13b-16t-bundles.md"
+    el "kernel bench done"
     ;;
 head)
-    while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 420 ]; do sleep 5; done
+    while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 500 ]; do sleep 5; done
     el "synth rc $(cat $M/$P.synth.rc 2>/dev/null)"; tail -3 $M/$P.synth.log | tr '\r' '\n' | tail -3
     ls -la $M
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-40%} -t 16 \
         -p 0 -n 32 -r 2 --json "$OUT/$P-head.json" 2>&1 | tee "$OUT/$P-head.txt" | grep -v "^\["
     el "head-to-head done"
+    ;;
+profile)
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     B=$(pi_patched_bin)/llama-bench
     NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
     for extra in "" "--override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32))"; do
@@ -70,7 +105,8 @@ head)
     # budget 0 (the CUDA build's CPU path) and at the head-to-head budget
     for b in 0 ${BUDGET:-40%}; do
         python3 -m powerinfer_gguf bench $M/$P.pi.gguf --profile --vram-budget $b -t 16 -p 16 -n 32 \
-            --json "$OUT/$P-decode-profile-${b%\%}.json" 2>&1 | head -5
+            --json "$OUT/$P-decode-profile-${b%\%}.json" > /tmp/decode-profile.txt 2>&1
+        grep -E -A3 "^profile:|Error|error" /tmp/decode-profile.txt
     done | tee -a "$OUT/$P-profile.txt"
     el "profile done"
     ;;
