@@ -37,12 +37,10 @@ else
     [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
 fi
 mkdir -p $M
-start_synth() {  # presets, one after the other, in their own session
-    echo $M > /tmp/pi-models-dir
-    for p in "$@"; do
-        for f in $M/*.gguf; do case "$f" in $M/$p.*) ;; *) rm -f "$f" ;; esac; done
-        rm -f $M/$p.synth.rc
-    done
+start_synth() {  # presets, one after the other, in their own session; earlier pairs are removed
+    echo $M > /tmp/pi-models-dir  # (the memory holds one 13B pair, not two)
+    rm -f $M/*.gguf
+    for p in "$@"; do rm -f $M/$p.synth.rc; done
     setsid bash -c "for p in $*; do OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
         --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
         echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
