@@ -208,3 +208,27 @@ def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype, n_e
         ref = out["1", threads]
         assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max(), (bundle, threads)
         assert (logits.argmax(-1) == ref.argmax(-1)).all(), (bundle, threads)
+
+
+def test_prefetch_options_change_no_result(tiny_model, tmp_path):
+    """patches/0012: GGML_PI_PREFETCH moves only where rows are fetched from (L1, L2, nowhere),
+    never what is computed: logits bitwise equal; a value that does not parse is reported and
+    ignored (read once per process: hence subprocesses)."""
+    import os
+    import subprocess
+    import sys
+
+    from powerinfer_gguf.convert import convert
+    path = tmp_path / "pf.pi.gguf"
+    convert(tiny_model[1], path, outtype="f16", calib_tokens=512, progress=False, log=lambda m: None)
+    out, err = {}, {}
+    for pf in ("4,4", "2,160,l2", "0,0", "4,4,l3"):
+        f = tmp_path / f"logits-{pf}.npy"
+        r = subprocess.run([sys.executable, "-c", _BUNDLE_PROBE, str(path), str(f), "3", ",".join(map(str, TOKENS))],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "GGML_PI_PREFETCH": pf})
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[pf], err[pf] = np.load(f), r.stderr
+    for pf, logits in out.items():
+        assert np.array_equal(logits, out["4,4"]), pf
+    assert "GGML_PI_PREFETCH=4,4,l3 ignored" in err["4,4,l3"]
+    assert "ignored" not in err["2,160,l2"]

@@ -8,8 +8,9 @@
 #                              starts the PRESETS (default 7b) pair (pi-synth --pi) in its own session
 #   PRESET=13b tools/gpu-split.sh synth
 #                              starts that pair in its own session (other presets' files removed first)
-#   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, down rows
-#                              bundled 8/4/1 (GGML_PI_BUNDLE), 2 MB pages
+#   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages:
+#                              down rows bundled 8/4/1 (GGML_PI_BUNDLE), prefetch options
+#                              (GGML_PI_PREFETCH, L1 or L2), interleaved rounds
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
 #                              -ngl and -ot vs ours)
@@ -68,10 +69,17 @@ synth)
     start_synth $P
     ;;
 kernel)
-    for b in 8 4 1; do
-        echo "GGML_PI_BUNDLE=$b"
-        GGML_PI_BUNDLE=$b PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp tools/kernel-bench.sh 5120 13824 8 16 5 0.05 0.1 0.2
-    done | tee "$OUT/kernel-13b-16t-bundles.md"
+    # interleaved rounds (single figures move by 5-10% here): down-row bundles 8 (default) / 4 / 1,
+    # and the rows' prefetch: 4 lines 4 neurons ahead into L1 (default), off, whole or part rows
+    # into L2 (patches/0012)
+    for round in 1 2 3; do
+        for cfg in "8 4,4" "4 4,4" "1 4,4" "8 0,0" "8 2,160,l2" "8 1,160,l2" "8 4,32,l2"; do
+            set -- $cfg
+            echo "round $round: GGML_PI_BUNDLE=$1 GGML_PI_PREFETCH=$2"
+            GGML_PI_BUNDLE=$1 GGML_PI_PREFETCH=$2 PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp \
+                tools/kernel-bench.sh 5120 13824 8 16 5 0.05 0.1 0.2 | grep -E "^\| (dense|[0-9]+%)"
+        done
+    done | tee "$OUT/kernel-13b-16t-options.md"
     el "kernel bench done"
     ;;
 head)
