@@ -107,6 +107,11 @@ profile)
             --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
             --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep tg32 | cut -c1-160)"
     done | tee -a "$OUT/$P-profile.txt"
+    # the CPU part's thread pool between layers: spinning (--poll 100) or sleeping (0) while the
+    # GPU works, threads pinned or not (a split layer's CPU op is ~0.4 ms; a wake-up weighs there)
+    $B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 --poll 0,50,100 --cpu-strict 0,1 \
+        --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
+        2>&1 | grep -E "tg32| test " | cut -c1-240 | tee -a "$OUT/$P-profile.txt"
     # where a token's time goes (patches/0010): the CPU kernel's own clock, GB/s and threads, at
     # budget 0 (the CUDA build's CPU path) and at the head-to-head budget
     for b in 0 ${BUDGET:-40%}; do
