@@ -9,8 +9,11 @@ PY=${PY:-.venv/bin/python}
 BUILD=$($PY -c "from powerinfer_gguf.build import build_dir; print(build_dir('patched'))")
 SRC=vendor/llama.cpp
 OUT=${OUT_DIR:-/tmp}/pi_kernel_bench
-g++ -O2 -std=c++17 -o "$OUT" tools/pi_kernel_bench.cpp -I"$SRC/ggml/include" \
-    -L"$BUILD/bin" -lggml-cpu -lggml-base -Wl,-rpath,"$BUILD/bin"
+# built once per source and library (a series of runs calls this many times)
+if [ ! -x "$OUT" ] || [ tools/pi_kernel_bench.cpp -nt "$OUT" ] || [ "$BUILD/bin/libggml-cpu.so" -nt "$OUT" ]; then
+    g++ -O2 -std=c++17 -o "$OUT" tools/pi_kernel_bench.cpp -I"$SRC/ggml/include" \
+        -L"$BUILD/bin" -lggml-cpu -lggml-base -Wl,-rpath,"$BUILD/bin"
+fi
 if [ $# -eq 0 ]; then
     set -- 5120 13824 8 "$(nproc)" 5 0.05 0.1 0.2
 fi
