@@ -5,7 +5,8 @@
 # memory bandwidth with both sides' cold rows):
 #   tools/gpu-split.sh prep    builds both sides with CUDA; on a small model, sparse == dense with every
 #                              neuron active at budgets 0/40/100% and with split layers (55/85%); then
-#                              starts the PRESETS (default 7b) pair (pi-synth --pi) in its own session
+#                              starts the PRESETS (default 7b; none: no synthesis) pair (pi-synth
+#                              --pi) in its own session
 #   PRESET=13b tools/gpu-split.sh synth
 #                              starts that pair in its own session (other presets' files removed first)
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages:
@@ -63,7 +64,7 @@ prep)
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
-    start_synth ${PRESETS:-7b}
+    [ "${PRESETS:-7b}" = none ] || start_synth ${PRESETS:-7b}
     ;;
 synth)
     start_synth $P
