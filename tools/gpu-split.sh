@@ -85,6 +85,13 @@ kernel)
         done
     done | tee "$OUT/kernel-13b-16t-options.md"
     el "kernel bench done"
+    # the op on CUDA against the CPU (patches/0013), then its GB/s on the GPU and on the CPU
+    T=$(pi_patched_bin)/test-backend-ops
+    $T -o PI_SPARSE_FFN -b CUDA0 2>&1 | grep -E "FAIL|passed|OK$" | tail -5 | tee "$OUT/backend-ops.txt"
+    for b in CUDA0 CPU; do
+        $T perf -o PI_SPARSE_FFN -b $b -p "n_embd=5120," 2>&1 | grep "PI_SPARSE_FFN(" | sed 's/\x1b\[[0-9;]*m//g'
+    done | tee -a "$OUT/backend-ops.txt"
+    el "test-backend-ops done"
     ;;
 head)
     while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 500 ]; do sleep 5; done
