@@ -729,15 +729,17 @@ class SparseQuality:
                 f"rows computed {self.computed_share:.3f}")
 
 
+def _last_logits(llm) -> np.ndarray:
+    """The logits of the last evaluated token, copied out of the context."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
 def sparse_quality(path: str, prompt: str = "The history of the language", n_tokens: int = 128,
                    n_threads: int | None = None, **kw) -> SparseQuality:
     """Greedy decoding of one file, sparse (its predictors) against dense (every neuron)."""
-    import llama_cpp
-
     from . import Llama
-
-    def logits_now(llm):
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
 
     def open_(sparse: bool):
         return Llama(str(path), sparse=sparse, n_ctx=n_tokens + 64, n_threads=n_threads or os.cpu_count(),
@@ -752,7 +754,7 @@ def sparse_quality(path: str, prompt: str = "The history of the language", n_tok
         llm.eval(prompt_toks)
         out = []
         for _ in range(n_tokens):
-            out.append(int(logits_now(llm).argmax()))
+            out.append(int(_last_logits(llm).argmax()))
             llm.eval([out[-1]])
         texts.append(out)
     same = np.array(texts[0]) == np.array(texts[1])
@@ -765,7 +767,7 @@ def sparse_quality(path: str, prompt: str = "The history of the language", n_tok
     dense.eval(prompt_toks)
     agree, err, top = 0, 0.0, 0.0
     for t in texts[0]:
-        ld, ls = logits_now(dense), logits_now(sparse)
+        ld, ls = _last_logits(dense), _last_logits(sparse)
         agree += int(ld.argmax() == ls.argmax())
         err, top = max(err, float(np.abs(ld - ls).max())), max(top, float(np.abs(ld).max()))
         dense.eval([t])
@@ -789,11 +791,23 @@ class DecodeProfile:
     threads: int
     n_tokens: int
     token_ms: float          # wall time per decoded token (llama_decode + greedy pick)
-    cpu_ffn_ms: float        # of it, inside the CPU sparse FFN kernel, all layers
-    cpu_ffn_bytes: float     # bytes of FFN rows the CPU kernel read per token
-    cpu_threads: int         # threads that kernel ran with (0: it never ran)
-    layers: list = field(default_factory=list)      # LayerStats per layer
+    layers: list = field(default_factory=list)      # LayerStats per layer, over the n_tokens
     placement: list = field(default_factory=list)   # LayerPlacement per layer
+
+    @property
+    def cpu_ffn_ms(self) -> float:
+        """Of a token's time, inside the CPU sparse FFN kernel, all layers."""
+        return sum(s.cpu_ns for s in self.layers) / 1e6 / self.n_tokens
+
+    @property
+    def cpu_ffn_bytes(self) -> float:
+        """Bytes of FFN rows the CPU kernel read per token."""
+        return sum(s.cpu_bytes for s in self.layers) / self.n_tokens
+
+    @property
+    def cpu_threads(self) -> int:
+        """Threads that kernel ran with (0: it never ran)."""
+        return max((s.cpu_threads for s in self.layers), default=0)
 
     @property
     def rest_ms(self) -> float:
@@ -836,8 +850,6 @@ def profile_decode(path: str, budget: str | int = 0, n_threads: int | None = Non
     per token into the CPU sparse FFN (the kernel's own counters) and the rest."""
     import time
 
-    import llama_cpp
-
     from . import Llama
 
     if n_gen < 1 or n_prompt < 1:
@@ -857,14 +869,9 @@ def profile_decode(path: str, budget: str | int = 0, n_threads: int | None = Non
         llm.reset_sparse_stats()
         t0 = time.perf_counter()
         for _ in range(n_gen):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-            llm.eval([int(logits.argmax())])
+            llm.eval([int(_last_logits(llm).argmax())])
         wall = time.perf_counter() - t0
         layers, placement = llm.sparse_stats(), llm.placement()
     finally:
         llm.close()
-    cpu_ns = sum(s.cpu_ns for s in layers)
-    cpu_bytes = sum(s.cpu_bytes for s in layers)
-    return DecodeProfile(str(path), int(llm.vram_budget), threads, n_gen, 1e3 * wall / n_gen,
-                         cpu_ns / 1e6 / n_gen, cpu_bytes / n_gen,
-                         max((s.cpu_threads for s in layers), default=0), layers, placement)
+    return DecodeProfile(str(path), int(llm.vram_budget), threads, n_gen, 1e3 * wall / n_gen, layers, placement)

@@ -103,18 +103,18 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
     if profile:
         if stock_model or sweep or plot_path:
             raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep or --plot")
-        # libllama before numpy: in the GPU machine's Python (numpy 2.5) numpy first and then
-        # libggml's load segfaults, with no Python frame to show (seen there, 2026-12-01)
+        # libllama before numpy (bench imports it): in the GPU machine's Python (numpy 2.5) numpy
+        # first and then libggml's load segfaults, with no Python frame to show (seen 2026-12-01)
         from . import Llama
         Llama  # noqa: B018  (resolved lazily: force the load now)
-    from . import bench
-
-    if profile:
+        from . import bench
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
         if json_path:
             bench.write_json(prof, json_path)
         return
+
+    from . import bench
 
     if sweep:
         results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],

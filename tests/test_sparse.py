@@ -174,14 +174,25 @@ np.save(sys.argv[2], np.array(llm.scores[: len(toks)]))
 """
 
 
+def _probe_logits(path, npy, threads, **env):
+    """Logits of _BUNDLE_PROBE in a fresh process with the kernel's environment knobs set (the
+    kernel reads them once per process), and that process's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _BUNDLE_PROBE, str(path), str(npy), str(threads),
+                        ",".join(map(str, TOKENS))], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(npy), r.stderr
+
+
 @pytest.mark.parametrize("outtype,n_embd", [("f32", 256), ("f16", 256), ("bf16", 256), ("f16", 268), ("f32", 268)])
 def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype, n_embd):
     """patches/0011: fired rows added to the accumulator 8 (then 4) at a time give what adding
     them one by one gives (GGML_PI_BUNDLE=1, read once per process: hence subprocesses).
     n_embd 268 = 16 x 16 + 8 + 4: the AVX-512 loop, the AVX2 remainder and the scalar tail."""
-    import os
-    import subprocess
-    import sys
     from dataclasses import replace
 
     from powerinfer_gguf.convert import convert
@@ -196,12 +207,8 @@ def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype, n_e
     out = {}
     for bundle in ("1", "4", "8"):
         for threads in (1, 3):
-            f = tmp_path / f"logits-{bundle}-{threads}.npy"
-            r = subprocess.run([sys.executable, "-c", _BUNDLE_PROBE, str(path), str(f), str(threads),
-                                ",".join(map(str, TOKENS))], capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "GGML_PI_BUNDLE": bundle})
-            assert r.returncode == 0, r.stderr[-2000:]
-            out[bundle, threads] = np.load(f)
+            out[bundle, threads], _ = _probe_logits(path, tmp_path / f"logits-{bundle}-{threads}.npy", threads,
+                                                    GGML_PI_BUNDLE=bundle)
     for (bundle, threads), logits in out.items():
         # against one row at a time on as many threads (other thread counts sum in another order):
         # F16/BF16 rows get the same fused multiply-adds in the same order; F32 the compiler's code
@@ -210,24 +217,13 @@ def test_down_bundles_equal_one_row_at_a_time(tiny_model, tmp_path, outtype, n_e
         assert (logits.argmax(-1) == ref.argmax(-1)).all(), (bundle, threads)
 
 
-def test_prefetch_options_change_no_result(tiny_model, tmp_path):
+def test_prefetch_options_change_no_result(tiny_pi, tmp_path):
     """patches/0012: GGML_PI_PREFETCH moves only where rows are fetched from (L1, L2, nowhere),
     never what is computed: logits bitwise equal; a value that does not parse is reported and
     ignored (read once per process: hence subprocesses)."""
-    import os
-    import subprocess
-    import sys
-
-    from powerinfer_gguf.convert import convert
-    path = tmp_path / "pf.pi.gguf"
-    convert(tiny_model[1], path, outtype="f16", calib_tokens=512, progress=False, log=lambda m: None)
     out, err = {}, {}
     for pf in ("4,4", "2,160,l2", "0,0", "4,4,l3"):
-        f = tmp_path / f"logits-{pf}.npy"
-        r = subprocess.run([sys.executable, "-c", _BUNDLE_PROBE, str(path), str(f), "3", ",".join(map(str, TOKENS))],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "GGML_PI_PREFETCH": pf})
-        assert r.returncode == 0, r.stderr[-2000:]
-        out[pf], err[pf] = np.load(f), r.stderr
+        out[pf], err[pf] = _probe_logits(tiny_pi[1], tmp_path / f"logits-{pf}.npy", 3, GGML_PI_PREFETCH=pf)
     for pf, logits in out.items():
         assert np.array_equal(logits, out["4,4"]), pf
     assert "GGML_PI_PREFETCH=4,4,l3 ignored" in err["4,4,l3"]

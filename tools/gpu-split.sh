@@ -16,8 +16,8 @@
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
 #                              -ngl and -ot vs ours)
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh profile
-#                              all-GPU against all layers split; rows_pinned A/B; pi-bench --profile
-#                              at 0 and BUDGET (CPU kernel ms, GB/s, threads per token)
+#                              all-GPU against all layers split; thread-pool poll / cpu-strict A/B;
+#                              pi-bench --profile at 0 and BUDGET (CPU kernel ms, GB/s, threads)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
 #   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
@@ -103,26 +103,22 @@ head)
     ;;
 profile)
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
-    B=$(pi_patched_bin)/llama-bench
+    # ours through llama-bench, tg32, at a budget in bytes (KV for 32 tokens), more options after it
+    tg() {
+        local budget=$1; shift
+        $(pi_patched_bin)/llama-bench -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
+            --override-kv powerinfer.runtime.vram_budget=int:$budget --override-kv powerinfer.runtime.vram_ctx=int:32 \
+            "$@" 2>&1
+    }
     NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
-    for extra in "" "--override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32))"; do
-        # profile: everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
-        $B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
-            --override-kv powerinfer.runtime.vram_budget=int:77309411328 --override-kv powerinfer.runtime.vram_ctx=int:32 \
-            $extra 2>&1 | grep -E "tg32|powerinfer: VRAM" | cut -c1-220
-    done | tee "$OUT/$P-profile.txt"
-    # the CPU rows' memory: plain (2 MB pages, the default) against pinned, at the head-to-head budget
-    BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-40%}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
-    for pinned in false true; do
-        echo "rows_pinned=$pinned: $($B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 \
-            --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
-            --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep tg32 | cut -c1-160)"
-    done | tee -a "$OUT/$P-profile.txt"
+    # everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
+    { tg 77309411328; tg 77309411328 --override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32)); } \
+        | grep -E "tg32|powerinfer: VRAM" | cut -c1-220 | tee "$OUT/$P-profile.txt"
+    # (the rows_pinned A/B ran on 2026-12-01: no difference; docs/NOTES.md)
     # the CPU part's thread pool between layers: spinning (--poll 100) or sleeping (0) while the
     # GPU works, threads pinned or not (a split layer's CPU op is ~0.4 ms; a wake-up weighs there)
-    $B -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 0 -n 32 -r 2 --poll 0,50,100 --cpu-strict 0,1 \
-        --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:32 \
-        2>&1 | grep -E "tg32| test " | cut -c1-240 | tee -a "$OUT/$P-profile.txt"
+    BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-40%}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
+    tg $BYTES --poll 0,50,100 --cpu-strict 0,1 | grep -E "tg32| test " | cut -c1-240 | tee -a "$OUT/$P-profile.txt"
     # where a token's time goes (patches/0010): the CPU kernel's own clock, GB/s and threads, at
     # budget 0 (the CUDA build's CPU path) and at the head-to-head budget
     for b in 0 ${BUDGET:-40%}; do
