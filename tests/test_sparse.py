@@ -252,3 +252,22 @@ def test_backend_ops_cases_run_on_cpu():
     assert r.returncode == 0, r.stdout[-2000:]
     m = re.search(r"(\d+)/(\d+) tests passed", r.stdout)
     assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 40, r.stdout[-2000:]
+
+
+def test_deal_modes_agree(tiny_pi, tmp_path):
+    """patches/0014: GGML_PI_DEAL (how the active rows are shared among threads) changes only the
+    order of the additions: static and dynamic give the default's (split) logits within float
+    rounding; split gives the same bits every run, decode and an 8-token ubatch alike; a value
+    that does not parse is reported and ignored (read once per process: hence subprocesses)."""
+    out, err = {}, {}
+    for deal in ("split", "static", "dynamic", "bogus"):
+        out[deal], err[deal] = _probe_logits(tiny_pi[1], tmp_path / f"logits-{deal}.npy", 3, GGML_PI_DEAL=deal)
+    default, _ = _probe_logits(tiny_pi[1], tmp_path / "logits-default.npy", 3)
+    ref = out["split"]
+    for deal, logits in out.items():
+        # another order of the same additions (as another thread count gives: ~1.2e-4 here)
+        assert np.abs(logits - ref).max() <= 5e-4 * np.abs(ref).max(), deal
+        assert (logits.argmax(-1) == ref.argmax(-1)).all(), deal
+    assert np.array_equal(default, ref) and np.array_equal(out["bogus"], ref)
+    assert "GGML_PI_DEAL=bogus ignored" in err["bogus"]
+    assert "ignored" not in err["static"] + err["dynamic"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 5 on the GPU machine's host CPU (16 cores): GB/s of rows the sparse kernel reads against
+# ggml's dense mat-vec, for each way of sharing rows among threads (GGML_PI_DEAL, patches/0014) and
+# each prefetch (GGML_PI_PREFETCH), in interleaved rounds (single figures there move by 5-10%).
+#   tools/cpu16-kernel.sh kernel [ROUNDS]
+#       CPU build of the patched side, then the rounds; writes $OUT/kernel-options.txt (one line per
+#       run, "cfg=<deal>/<prefetch>/<fire>/<threads> round=N | ...") and its summary
+#       (tools/kernel_summary.py) $OUT/kernel-summary.md
+#   tools/cpu16-kernel.sh e2e
+#       decode end to end at budget 0: both sides built for the CPU, the synthetic 7B-shape F16 pair
+#       (in /dev/shm), then pi-bench (stock against ours, 16 threads) once per GGML_PI_DEAL mode not
+#       yet measured on this machine, while the call has time left (call it again for the rest)
+# Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PI_CUDA=0
+source tools/gpu-env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+lscpu | grep -E "Model name|^CPU\(s\)|Thread|NUMA node\(|L3" | tee "$OUT/lscpu.txt"
+
+case "${1:-}" in
+kernel)
+    python3 -m powerinfer_gguf.build setup --no-python --only patched -j 16 > "$OUT/build.log" 2>&1
+    el "patched CPU build done (rc $?)"; tail -2 "$OUT/build.log"
+    # deal / prefetch / share of computed neurons that fire / threads
+    CFGS=("static 4,4 1 16" "dynamic 4,4 1 16" "dynamic,4 4,4 1 16" "split 4,4 1 16" "split,4 4,4 1 16"
+          "static 4,4,4k 1 16" "split 4,4,4k 1 16" "static 2,160,l2 1 16" "split 2,160,l2 1 16"
+          "static 4,4 0.66 16" "dynamic 4,4 0.66 16" "split 4,4 0.66 16" "static 4,4 1 15" "split 4,4 1 15")
+    for round in $(seq 1 "${2:-3}"); do
+        for cfg in "${CFGS[@]}"; do
+            set -- $cfg
+            GGML_PI_DEAL=$1 GGML_PI_PREFETCH=$2 PI_BENCH_FIRE=$3 PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp \
+                tools/kernel-bench.sh 5120 13824 8 $4 5 0.00008 0.05 0.1 0.2 2>&1 | grep -E "^\| (dense|[0-9]+%)" \
+                | sed "s#^#cfg=$1/$2/$3/$4 round=$round #"
+        done
+        el "round $round done" >&2
+    done | tee "$OUT/kernel-options.txt" | tail -3
+    python3 tools/kernel_summary.py "$OUT/kernel-options.txt" | tee "$OUT/kernel-summary.md"
+    el "kernel rounds done"
+    ;;
+e2e)
+    M=/dev/shm/pi
+    mkdir -p $M
+    if [ ! -f $M/built ]; then
+        python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
+        el "CPU builds done (rc $?)"; tail -2 "$OUT/build.log"; touch $M/built
+    fi
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    if [ ! -f $M/7b.pi.gguf ]; then
+        OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/7b.stock.gguf --preset 7b --outtype f16 \
+            --pi $M/7b.pi.gguf --calib-tokens 128 --heldout-tokens 64 > "$OUT/synth.log" 2>&1
+        el "7B pair written (rc $?)"; tail -2 "$OUT/synth.log" | tr '\r' '\n' | tail -2
+    fi
+    for deal in dynamic split static; do
+        [ -f $M/e2e-$deal.json ] && continue
+        [ $(( $(date +%s) - t0 )) -lt 420 ] || { el "no time left for $deal: call again"; break; }
+        GGML_PI_DEAL=$deal python3 -m powerinfer_gguf bench $M/7b.pi.gguf --stock $M/7b.stock.gguf --vram-budget 0 \
+            -t 16 -p 64 -n 32 -r 2 --json $M/e2e-$deal.json 2>&1 | grep -v "^\[" | tee "$OUT/e2e-$deal.txt"
+        cp $M/e2e-$deal.json "$OUT/" 2>/dev/null
+        el "pi-bench with GGML_PI_DEAL=$deal done"
+    done
+    ;;
+*)
+    echo "usage: $0 kernel [ROUNDS] | e2e" >&2; exit 2
+    ;;
+esac
