@@ -6,6 +6,8 @@
 #       CPU build of the patched side, then the rounds; writes $OUT/kernel-options.txt (one line per
 #       run, "cfg=<deal>/<prefetch>/<fire>/<threads> round=N | ...") and its summary
 #       (tools/kernel_summary.py) $OUT/kernel-summary.md
+#   tools/cpu16-kernel.sh all [ROUNDS]
+#       both of the steps below in one call: builds both sides, the rounds, then e2e
 #   tools/cpu16-kernel.sh e2e
 #       decode end to end at budget 0: both sides built for the CPU, the synthetic 7B-shape F16 pair
 #       (in /dev/shm), then pi-bench (stock against ours, 16 threads) once per GGML_PI_DEAL mode not
@@ -21,15 +23,24 @@ t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 lscpu | grep -E "Model name|^CPU\(s\)|Thread|NUMA node\(|L3" | tee "$OUT/lscpu.txt"
 
-case "${1:-}" in
-kernel)
-    python3 -m powerinfer_gguf.build setup --no-python --only patched -j 16 > "$OUT/build.log" 2>&1
-    el "patched CPU build done (rc $?)"; tail -2 "$OUT/build.log"
+M=/dev/shm/pi
+mkdir -p $M
+build() {  # both sides (e2e) or the patched one (kernel), once per machine
+    { [ -f $M/built-$1 ] || [ -f $M/built-both ]; } && return
+    if [ $1 = both ]; then
+        python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
+    else
+        python3 -m powerinfer_gguf.build setup --no-python --only patched -j 16 > "$OUT/build.log" 2>&1
+    fi
+    el "CPU build ($1) done (rc $?)"; tail -2 "$OUT/build.log"; touch $M/built-$1
+}
+
+kernel() {
+    build patched
     # deal / prefetch / share of computed neurons that fire / threads
-    CFGS=("static 4,4 1 16" "dynamic 4,4 1 16" "dynamic,4 4,4 1 16" "split 4,4 1 16" "split,4 4,4 1 16"
-          "static 4,4,4k 1 16" "split 4,4,4k 1 16" "static 2,160,l2 1 16" "split 2,160,l2 1 16"
-          "static 4,4 0.66 16" "dynamic 4,4 0.66 16" "split 4,4 0.66 16" "static 4,4 1 15" "split 4,4 1 15")
-    for round in $(seq 1 "${2:-3}"); do
+    CFGS=("split 4,4 1 16" "static 4,4 1 16" "dynamic 4,4 1 16" "split 2,160,l2 1 16"
+          "split 4,4 0.66 16" "static 4,4 0.66 16" "dynamic 4,4 0.66 16")
+    for round in $(seq 1 "$1"); do
         for cfg in "${CFGS[@]}"; do
             set -- $cfg
             GGML_PI_DEAL=$1 GGML_PI_PREFETCH=$2 PI_BENCH_FIRE=$3 PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp \
@@ -40,30 +51,33 @@ kernel)
     done | tee "$OUT/kernel-options.txt" | tail -3
     python3 tools/kernel_summary.py "$OUT/kernel-options.txt" | tee "$OUT/kernel-summary.md"
     el "kernel rounds done"
-    ;;
-e2e)
-    M=/dev/shm/pi
-    mkdir -p $M
-    if [ ! -f $M/built ]; then
-        python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
-        el "CPU builds done (rc $?)"; tail -2 "$OUT/build.log"; touch $M/built
-    fi
+}
+
+e2e() {
+    build both
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     if [ ! -f $M/7b.pi.gguf ]; then
         OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/7b.stock.gguf --preset 7b --outtype f16 \
             --pi $M/7b.pi.gguf --calib-tokens 128 --heldout-tokens 64 > "$OUT/synth.log" 2>&1
         el "7B pair written (rc $?)"; tail -2 "$OUT/synth.log" | tr '\r' '\n' | tail -2
     fi
-    for deal in dynamic split static; do
+    for deal in $E2E_DEALS; do
         [ -f $M/e2e-$deal.json ] && continue
-        [ $(( $(date +%s) - t0 )) -lt 420 ] || { el "no time left for $deal: call again"; break; }
+        [ $(( $(date +%s) - t0 )) -lt $E2E_BY ] || { el "no time left for $deal: call again"; break; }
         GGML_PI_DEAL=$deal python3 -m powerinfer_gguf bench $M/7b.pi.gguf --stock $M/7b.stock.gguf --vram-budget 0 \
             -t 16 -p 64 -n 32 -r 2 --json $M/e2e-$deal.json 2>&1 | grep -v "^\[" | tee "$OUT/e2e-$deal.txt"
         cp $M/e2e-$deal.json "$OUT/" 2>/dev/null
         el "pi-bench with GGML_PI_DEAL=$deal done"
     done
-    ;;
-*)
-    echo "usage: $0 kernel [ROUNDS] | e2e" >&2; exit 2
-    ;;
+}
+
+# pi-bench runs (ours with each of these deals; the default, split, first) started before this
+# many seconds into the call (one takes ~55 s at 7B)
+E2E_DEALS=${E2E_DEALS:-split static dynamic}
+E2E_BY=${E2E_BY:-480}
+case "${1:-}" in
+kernel) kernel "${2:-3}" ;;
+e2e) e2e ;;
+all) build both; kernel "${2:-3}"; e2e ;;
+*) echo "usage: $0 kernel [ROUNDS] | e2e | all [ROUNDS]" >&2; exit 2 ;;
 esac
