@@ -163,9 +163,11 @@ def test_bad_override_type_names_the_key(tiny_pi):
 
 
 _BUNDLE_PROBE = """
-import sys, numpy as np
+import os, sys, numpy as np
 from powerinfer_gguf import Llama
-llm = Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=int(sys.argv[3]), verbose=False, logits_all=True)
+llm = Llama(sys.argv[1], n_ctx=64, n_batch=64, n_threads=int(sys.argv[3]), n_threads_batch=int(sys.argv[3]),
+            verbose=False, logits_all=True,
+            all_active=os.environ.get("PI_PROBE_ALL_ACTIVE") == "1")
 toks = [int(t) for t in sys.argv[4].split(",")]
 for t in toks[:8]:
     llm.eval([t])          # decode: one token per evaluation
@@ -271,3 +273,11 @@ def test_deal_modes_agree(tiny_pi, tmp_path):
     assert np.array_equal(default, ref) and np.array_equal(out["bogus"], ref)
     assert "GGML_PI_DEAL=bogus ignored" in err["bogus"]
     assert "ignored" not in err["static"] + err["dynamic"]
+    # every neuron computed: on one thread the 8-token ubatch fires more (row, token) pairs than
+    # split's down phase gathers at a time (256), so it takes them in chunks; one thread adds the
+    # rows in the static deal's order, so the bits must be the same
+    full = {(deal, n): _probe_logits(tiny_pi[1], tmp_path / f"full-{deal}-{n}-{i}.npy", n, GGML_PI_DEAL=deal,
+                                     PI_PROBE_ALL_ACTIVE="1")[0]
+            for i, (deal, n) in enumerate((("split", 1), ("static", 1), ("split", 3), ("static", 3)))}
+    assert np.array_equal(full["split", 1], full["static", 1])
+    assert np.abs(full["split", 3] - full["static", 3]).max() <= 5e-4 * np.abs(full["static", 3]).max()
