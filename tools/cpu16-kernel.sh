@@ -4,7 +4,7 @@
 # each prefetch (GGML_PI_PREFETCH), in interleaved rounds (single figures there move by 5-10%).
 #   tools/cpu16-kernel.sh kernel [ROUNDS]
 #       CPU build of the patched side, then the rounds; writes $OUT/kernel-options.txt (one line per
-#       run, "cfg=<deal>/<prefetch>/<fire>/<threads> round=N | ...") and its summary
+#       run, "cfg=<deal>/<prefetch>/<bundle>/<fire>/<threads> round=N | ...") and its summary
 #       (tools/kernel_summary.py) $OUT/kernel-summary.md
 #   tools/cpu16-kernel.sh all [ROUNDS]
 #       both of the steps below in one call: builds both sides, the rounds, then e2e
@@ -17,10 +17,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PI_CUDA=0
 source tools/gpu-env.sh
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 lscpu | grep -E "Model name|^CPU\(s\)|Thread|NUMA node\(|L3" | tee "$OUT/lscpu.txt"
 
 M=/dev/shm/pi
@@ -37,18 +33,9 @@ build() {  # both sides (e2e) or the patched one (kernel), once per machine
 
 kernel() {
     build patched
-    # deal / prefetch / share of computed neurons that fire / threads
-    CFGS=("split 4,4 1 16" "static 4,4 1 16" "dynamic 4,4 1 16" "split 2,160,l2 1 16"
-          "split 4,4 0.66 16" "static 4,4 0.66 16" "dynamic 4,4 0.66 16")
-    for round in $(seq 1 "$1"); do
-        for cfg in "${CFGS[@]}"; do
-            set -- $cfg
-            GGML_PI_DEAL=$1 GGML_PI_PREFETCH=$2 PI_BENCH_FIRE=$3 PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp \
-                tools/kernel-bench.sh 5120 13824 8 $4 5 0.00008 0.05 0.1 0.2 2>&1 | grep -E "^\| (dense|[0-9]+%)" \
-                | sed "s#^#cfg=$1/$2/$3/$4 round=$round #"
-        done
-        el "round $round done" >&2
-    done | tee "$OUT/kernel-options.txt" | tail -3
+    # deal / prefetch / bundle / share of computed neurons that fire / threads
+    kernel_rounds "$1" split/4,4/8/1/16 static/4,4/8/1/16 dynamic/4,4/8/1/16 split/2,160,l2/8/1/16 \
+        split/4,4/8/0.66/16 static/4,4/8/0.66/16 dynamic/4,4/8/0.66/16 | tee "$OUT/kernel-options.txt" | tail -3
     python3 tools/kernel_summary.py "$OUT/kernel-options.txt" | tee "$OUT/kernel-summary.md"
     el "kernel rounds done"
 }

@@ -13,10 +13,7 @@ export PI_CUDA=0
 source tools/gpu-env.sh
 export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
 M=/dev/shm/pi
-OUT=${OUT:-/tmp/out}
-mkdir -p "$M" "$OUT"
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+mkdir -p "$M"
 
 P=${PRESET:-7b}
 case "${1:-}" in

@@ -25,10 +25,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PI_CUDA_FA=0
 source tools/gpu-env.sh
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-t0=$(date +%s)
-el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 P=${PRESET:-13b}
 # /dev/shm when it holds a pair (2 x 26 GB at 13B), else the disk; chosen once, when the first
 # synthesis starts (a later call sees /dev/shm filling and must not choose again)
@@ -70,20 +66,14 @@ synth)
     start_synth $P
     ;;
 kernel)
-    # interleaved rounds (single figures move by 5-10% here): down-row bundles 8 (default) / 4 / 1,
-    # and the rows' prefetch: 4 lines 4 neurons ahead into L1 (default), off, whole or part rows
-    # into L2 (patches/0012)
-    # into L2 (patches/0012); all computed neurons firing, and 66% of them (PI_BENCH_FIRE: a real
-    # decode's precision, where a third of the predicted neurons cost a gate row alone)
-    for round in 1 2 3; do
-        for cfg in "8 4,4 1" "4 4,4 1" "1 4,4 1" "8 0,0 1" "8 2,160,l2 1" "8 1,160,l2 1" "8 4,32,l2 1" \
-                   "8 4,4 0.66" "4 4,4 0.66" "8 2,160,l2 0.66"; do
-            set -- $cfg
-            echo "round $round: GGML_PI_BUNDLE=$1 GGML_PI_PREFETCH=$2 PI_BENCH_FIRE=$3"
-            GGML_PI_BUNDLE=$1 GGML_PI_PREFETCH=$2 PI_BENCH_FIRE=$3 PI_BENCH_HUGEPAGES=1 PY=python3 OUT_DIR=/tmp \
-                tools/kernel-bench.sh 5120 13824 8 16 5 0.05 0.1 0.2 | grep -E "^\| (dense|[0-9]+%)"
-        done
-    done | tee "$OUT/kernel-13b-16t-options.md"
+    # interleaved rounds: down-row bundles 8 (default) / 4 / 1, and the rows' prefetch: 4 lines 4
+    # neurons ahead into L1 (default), off, whole or part rows into L2 (patches/0012); all computed
+    # neurons firing, and 66% of them (PI_BENCH_FIRE: a real decode's precision, where a third of
+    # the predicted neurons cost a gate row alone)
+    kernel_rounds 3 split/4,4/8/1/16 split/4,4/4/1/16 split/4,4/1/1/16 split/0,0/8/1/16 split/2,160,l2/8/1/16 \
+        split/1,160,l2/8/1/16 split/4,32,l2/8/1/16 split/4,4/8/0.66/16 split/4,4/4/0.66/16 split/2,160,l2/8/0.66/16 \
+        > "$OUT/kernel-13b-16t-options.txt"
+    python3 tools/kernel_summary.py "$OUT/kernel-13b-16t-options.txt" | tee "$OUT/kernel-13b-16t-summary.md"
     el "kernel bench done"
     # the op on CUDA against the CPU (patches/0013), then its GB/s on the GPU and on the CPU
     T=$(pi_patched_bin)/test-backend-ops

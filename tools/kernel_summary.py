@@ -32,7 +32,7 @@ def summarize(lines, n_layer: int = 8) -> str:
     if not order:
         raise SystemExit("no kernel-bench lines found (want 'cfg=... round=N | ...' lines)")
     # the smallest share (one neuron) is the op's fixed cost: report it in us per op
-    out = ["| deal/prefetch/fire/threads | rows | us/op | GB/s (median) | dense GB/s | share of dense (median) | rounds |",
+    out = ["| deal/prefetch/bundle/fire/threads | rows | us/op | GB/s (median) | dense GB/s | share of dense (median) | rounds |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for cfg in order:
         for what in sorted({w for c, w in rows if c == cfg}, key=lambda w: int(w[:-1])):
