@@ -6,12 +6,14 @@ machine, rebuilds nothing:
 
     sdist/llama_cpp_python-0.3.36.tar.gz      the pinned sdist (or a GPU pack, see ``pack``)
     src/stock-<sdist>/                        unpacked, untouched (vendor/llama.cpp inside)
-    src/patched-<sdist>/                      llama.cpp + patches/, a git repo: one commit per patch
+    src/patched-<sdist>/                      llama.cpp + patches/ (one commit each) + csrc/ (one commit)
     build/stock-<sdist>-<flags>/bin/          static llama-bench, llama-completion, llama-quantize, ...
     build/patched-<sdist>-<flags>/bin/        shared libllama + libggml*, the same tools, test-backend-ops
 
-Each tree and build holds a stamp naming what it was made from (patched: the hash of patches/); a
-changed patches/ re-applies over the stock commit and rebuilds incrementally in the same folders.
+Our C/C++ is plain source in csrc/, laid out as it sits in the llama.cpp tree, and copied in after
+patches/ (hooks into upstream files only). Each tree and build holds a stamp naming what it was
+made from (patched: the hash of csrc/ and patches/); a change re-applies over the stock commit,
+keeps the mtimes of files that come out the same, and rebuilds incrementally in the same folders.
 
 The patched shared libraries are copied into the installed ``llama_cpp/lib/``, so ``import llama_cpp``
 loads them (llama-cpp-python's Python part is installed with ``-DLLAMA_BUILD=OFF``: no C++ compiled).
@@ -40,9 +42,12 @@ SDIST_DIR = f"llama_cpp_python-{SDIST_VERSION}"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PATCHES_DIR = REPO_ROOT / "patches"
+CSRC_DIR = REPO_ROOT / "csrc"
+SOURCES_COMMIT = "powerinfer_gguf sources (csrc/)"
 
 STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize"]
-PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "test-backend-ops"]
+PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "test-backend-ops",
+                   "test-pi-sparse-ffn"]
 # What a GPU machine needs to build (no models/, docs/, tests data): ~6.4 MB packed with xz.
 PACK_LLAMA_DIRS = ["ggml", "src", "include", "common", "tools", "cmake", "vendor", "app", "licenses",
                    "gguf-py", "tests", "CMakeLists.txt", "LICENSE", "build-info.cmake",
@@ -70,11 +75,22 @@ def patch_files() -> list[Path]:
     return sorted(p for p in PATCHES_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
 
 
+def source_files() -> list[Path]:
+    """Our C/C++ files, relative to csrc/ (= their place in the llama.cpp tree)."""
+    if not CSRC_DIR.is_dir():
+        return []
+    return sorted(p.relative_to(CSRC_DIR) for p in CSRC_DIR.rglob("*") if p.is_file())
+
+
 def patches_hash() -> str:
+    """What the patched side is built from: the hooks (patches/) and our sources (csrc/)."""
     h = hashlib.sha256(SDIST_VERSION.encode())
     for p in patch_files():
         h.update(p.name.encode())
         h.update(p.read_bytes())
+    for rel in source_files():
+        h.update(b"csrc/" + rel.as_posix().encode())
+        h.update((CSRC_DIR / rel).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -250,11 +266,12 @@ def _git(args: list[str], cwd: Path, step: str, logfile: Path) -> None:
 
 
 def patched_source() -> Path:
-    """llama.cpp with patches/ applied in order, as a git repo (one commit per patch) so that a
-    developer edits it and `git diff`s the next patch. vendor/llama.cpp in the repo links here.
+    """llama.cpp with patches/ applied in order (one commit each) and csrc/ copied in (one commit),
+    as a git repo so that a developer edits an upstream file there and `git diff`s the next hook.
+    vendor/llama.cpp in the repo links here.
 
-    The tree stays at one path whatever the patches are, and a change of patches/ re-applies them
-    over the stock commit: only the files they touch change, so the patched build is incremental."""
+    The tree stays at one path whatever the sources are, and a change re-applies everything over the
+    stock commit: only the files that changed get a new mtime, so the patched build is incremental."""
     stock = stock_llama_source()
     dest = cache_root() / "src" / f"patched-{_sdist_tag(sdist_path())}"
     want = patches_hash()
@@ -262,20 +279,18 @@ def patched_source() -> Path:
     if not (stamp.is_file() and stamp.read_text().strip() == want):
         logfile = cache_root() / "logs" / "patches.log"
         logfile.unlink(missing_ok=True)
-        log(f"applying {len(patch_files())} patch(es) to llama.cpp {LLAMA_CPP_COMMIT}")
+        log(f"applying {len(patch_files())} patch(es) and {len(source_files())} source file(s) to llama.cpp {LLAMA_CPP_COMMIT}")
         if not (dest / ".git").is_dir():
             shutil.rmtree(dest, ignore_errors=True)
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             _init_tree(stock, tmp, logfile)
             os.replace(tmp, dest)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=dest, capture_output=True, text=True)
-        if dirty.stdout.strip():
-            raise BuildError(f"{dest} (vendor/llama.cpp) has uncommitted edits: make them a patch in "
-                             "patches/ or discard them (git -C vendor/llama.cpp stash) and run set-up again")
+        _refuse_edits(dest)
         stamp.unlink(missing_ok=True)
         before = _patched_files_state(dest)
         _git(["reset", "-q", "--hard", "stock"], dest, "reset to stock", logfile)
+        _git(["clean", "-q", "-fd"], dest, "clean", logfile)
         for p in patch_files():
             try:
                 _git(["apply", "--index", "--whitespace=nowarn", str(p)], dest, f"patch {p.name}", logfile)
@@ -284,6 +299,7 @@ def patched_source() -> Path:
                 raise BuildError(f"patches/{p.name} no longer applies to llama.cpp {LLAMA_CPP_COMMIT}; "
                                  f"log: {logfile}") from e
             _git(["commit", "-q", "-m", p.name], dest, f"commit {p.name}", logfile)
+        _copy_sources(dest, logfile)
         _keep_unchanged_mtimes(dest, before)
         stamp.write_text(want + "\n")
     link = REPO_ROOT / "vendor" / "llama.cpp"
@@ -293,6 +309,38 @@ def patched_source() -> Path:
             link.unlink(missing_ok=True)
             link.symlink_to(dest)
     return dest
+
+
+def _refuse_edits(tree: Path) -> None:
+    """Edits made in the tree would be lost by a re-apply: say where they belong."""
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True, text=True).stdout
+    names = [line[3:] for line in dirty.splitlines() if line.strip()]
+    if not names:
+        return
+    ours = {rel.as_posix() for rel in source_files()}
+    mine = [n for n in names if n in ours]
+    if mine:
+        raise BuildError(f"{tree / mine[0]} (vendor/llama.cpp) was edited: our sources live in csrc/{mine[0]}; "
+                         "copy your edit there (or discard it: git -C vendor/llama.cpp checkout .) and run set-up again")
+    raise BuildError(f"{tree} (vendor/llama.cpp) has uncommitted edits ({names[0]}...): make them a hook in "
+                     "patches/ (tools/make-patch.sh) or discard them (git -C vendor/llama.cpp stash) and run set-up again")
+
+
+def _copy_sources(tree: Path, logfile: Path) -> None:
+    """csrc/ into the tree at the same relative paths, as one commit; a file may not replace upstream's."""
+    files = source_files()
+    if not files:
+        return
+    stock_files = set(subprocess.run(["git", "ls-tree", "-r", "--name-only", "stock"], cwd=tree,
+                                     capture_output=True, text=True).stdout.split())
+    for rel in files:
+        if rel.as_posix() in stock_files:
+            raise BuildError(f"csrc/{rel} would replace llama.cpp's own file: edit upstream files through a hook in patches/")
+        dst = tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(CSRC_DIR / rel, dst)
+    _git(["add", "-A", "--", *[rel.as_posix() for rel in files]], tree, "git add csrc", logfile)
+    _git(["commit", "-q", "-m", SOURCES_COMMIT], tree, "commit csrc", logfile)
 
 
 def _patched_files_state(tree: Path) -> dict[str, tuple[str, int]]:

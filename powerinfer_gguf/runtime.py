@@ -1,8 +1,8 @@
 """The patched libllama as llama-cpp-python loads it.
 
 `import llama_cpp` loads the libllama that set-up copied into llama_cpp/lib (or the folder named by
-LLAMA_CPP_LIB_PATH). Our patches add a small C API (include/llama-powerinfer.h, patches/0001); this
-module reaches it through llama_cpp's own handle, without a second binding.
+LLAMA_CPP_LIB_PATH). We add a small C API (csrc/include/llama-powerinfer.h); this module declares it
+for ctypes and reaches it through llama_cpp's own handle, without a second binding.
 """
 from __future__ import annotations
 
@@ -131,7 +131,119 @@ def _bind_sparse_api(lib) -> None:
     lib.llama_pi_reset_stats.argtypes = [ctypes.c_void_p]
     lib.llama_pi_get_layer_placement.restype = ctypes.c_int32
     lib.llama_pi_get_layer_placement.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(_PlacementC)]
+    lib.llama_pi_plan.restype = ctypes.c_int32
+    lib.llama_pi_plan.argtypes = [ctypes.POINTER(_PlanLayerC), ctypes.c_int32, _PlanParamsC, ctypes.POINTER(ctypes.c_int32)]
+    lib.llama_pi_auto_vram_budget.restype = ctypes.c_int64
+    lib.llama_pi_auto_vram_budget.argtypes = []
     lib._pi_sparse_bound = True
+
+
+def _lib():
+    import llama_cpp.llama_cpp as binding
+
+    check_patched()
+    _bind_sparse_api(binding._lib)
+    return binding._lib
+
+
+# --- the planner (src/llama-powerinfer-plan.cpp) ----------------------------------------------------
+
+class _PlanLayerC(ctypes.Structure):
+    # include/llama-powerinfer.h: struct llama_pi_plan_layer
+    _fields_ = [("base_bytes", ctypes.c_uint64), ("row_bytes", ctypes.c_uint64), ("n_rows", ctypes.c_int32),
+                ("gpu_rows", ctypes.c_int32), ("freq", ctypes.POINTER(ctypes.c_float))]
+
+
+class _PlanParamsC(ctypes.Structure):
+    # include/llama-powerinfer.h: struct llama_pi_plan_params
+    _fields_ = [("output_bytes", ctypes.c_uint64), ("avail_bytes", ctypes.c_int64),
+                ("n_gpu_layers_cap", ctypes.c_int32), ("split_cost_us", ctypes.c_int64)]
+
+
+@dataclass(frozen=True)
+class PlanLayer:
+    """What one layer costs the planner: bytes read whole every token, bytes of one FFN row, the
+    rows' firing frequencies hot to cold, and whether the GPU kernels read its row type."""
+
+    base_bytes: int
+    row_bytes: int
+    freq: "object"  # 1-D float32 array
+    gpu_rows: bool = True
+
+
+def plan_placement(layers: list[PlanLayer], *, output_bytes: int, avail_bytes: int,
+                   n_gpu_layers_cap: int = -1, split_cost_us: int = 70) -> tuple[int, list[int]]:
+    """The planner llama.cpp runs at load, called directly: (n_gpu_layers as llama.cpp counts them,
+    or -1 when the output layer does not fit; rows per layer kept with the layer on its device)."""
+    import numpy as np
+
+    freqs = []
+    arr = (_PlanLayerC * max(1, len(layers)))()
+    for i, l in enumerate(layers):
+        if l.base_bytes < 0 or l.row_bytes < 0:
+            raise ValueError(f"layer {i}: base_bytes and row_bytes must be >= 0")
+        f = np.ascontiguousarray(l.freq, dtype=np.float32).reshape(-1)
+        freqs.append(f)
+        arr[i] = _PlanLayerC(l.base_bytes, l.row_bytes, len(f), int(bool(l.gpu_rows)),
+                             f.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+    rows = (ctypes.c_int32 * max(1, len(layers)))()
+    params = _PlanParamsC(output_bytes, avail_bytes, n_gpu_layers_cap, split_cost_us)
+    ngl = int(_lib().llama_pi_plan(arr, len(layers), params, rows))
+    if ngl == -2:
+        raise ValueError("llama_pi_plan refused its input")
+    return ngl, [int(r) for r in rows[: len(layers)]]
+
+
+def auto_vram_budget() -> int | None:
+    """Bytes "auto" stands for (the first GPU's free memory less 512 MiB and 2% of its total, as
+    llama.cpp's planner computes it), or None without a GPU."""
+    b = int(_lib().llama_pi_auto_vram_budget())
+    return None if b < 0 else b
+
+
+def plan_file(path: str, budget: int, n_ctx: int, overrides: dict | None = None) -> list[LayerPlacement]:
+    """The placement llama.cpp would make for this file and budget (bytes; -1: auto), planned and
+    not loaded (llama_model_params.no_alloc: metadata only, no weights read or allocated);
+    overrides: more run-time keys (int or bool values)."""
+    import llama_cpp
+
+    from .format import Keys
+
+    _lib()
+    keys = {Keys.Runtime.VRAM_BUDGET: int(budget), Keys.Runtime.VRAM_CTX: int(n_ctx), **(overrides or {})}
+    kv = (llama_cpp.llama_model_kv_override * (len(keys) + 1))()
+    for i, (k, v) in enumerate(keys.items()):
+        kv[i].key = k.encode()
+        if isinstance(v, bool):
+            kv[i].tag, kv[i].value.val_bool = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL, v
+        else:
+            kv[i].tag, kv[i].value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(v)
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = -1
+    params.no_alloc = True
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # the mmap path cannot simulate its buffers
+    params.kv_overrides = kv
+    with _LoadErrors() as errors:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ValueError(f"{path}: {errors.message or 'cannot plan this file'}")
+    try:
+        return _placement_of(model)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _placement_of(model) -> list[LayerPlacement]:
+    import llama_cpp
+
+    lib = _lib()
+    out = []
+    for il in range(int(llama_cpp.llama_model_n_layer(model))):
+        p = _PlacementC()
+        if lib.llama_pi_get_layer_placement(model, il, ctypes.byref(p)) != 0:
+            return []
+        out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split), int(p.dev_rows)))
+    return out
 
 
 class _LoadErrors:
@@ -262,15 +374,7 @@ def _make_llama_class():
         def placement(self) -> list[LayerPlacement]:
             """Per layer: FFN rows in GPU memory, whether attention is on the GPU, whether the FFN
             is split. Empty for a file without our layout."""
-            lib = llama_cpp.llama_cpp._lib
-            out = []
-            for il in range(self._n_layer()):
-                p = _PlacementC()
-                if lib.llama_pi_get_layer_placement(self.model, il, ctypes.byref(p)) != 0:
-                    return []
-                out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split),
-                                          int(p.dev_rows)))
-            return out
+            return _placement_of(self.model)
 
         def close(self) -> None:
             if hasattr(self, "_stack"):  # a failed __init__ never reached upstream's set-up

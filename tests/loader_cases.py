@@ -3,9 +3,12 @@ and the AddressSanitizer run (tools/asan-loader.sh).
 
 Every key and tensor we add is corrupted in turn (wrong type, wrong value, wrong length, NaN, absent,
 out-of-range rank), plus truncations and seeded random byte flips of the header. Each case says
-whether the load must fail ("error", with a fragment the message must contain) or may either run or
-fail ("any"). `python tests/loader_cases.py DIR SRC` runs them all in this process, one line per
-case; a crash kills the process, and the last "START" line names the case. Each case's file is
+whether the load must fail ("error", with a fragment the message must contain), must run ("run":
+a value the engine reads safely, or never reads) or may do either ("any": random byte flips only).
+`python tests/loader_cases.py DIR SRC [--budget]` runs them all in this process, one line per
+case; a crash kills the process, and the last "START" line names the case. With --budget each
+load plans a VRAM budget (no GPU needed: every part stays in CPU memory), so the planner's own
+read of the file and the split of each layer's rows meet every corruption too. Each case's file is
 written just before it runs and deleted after: 81 copies of even a tiny model are ~2.5 GB.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from powerinfer_gguf.format import field_item
 @dataclass
 class Case:
     name: str
-    expect: str        # "error" or "any" (error or run; never a crash)
+    expect: str        # "error", "run", or "any" (error or run; never a crash)
     fragment: str = ""  # part of the error message, for "error"
 
 
@@ -98,9 +101,9 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
     key_case("layout-absent", "error", "missing key powerinfer.ffn_down_layout", "powerinfer.ffn_down_layout", "drop")
     key_case("pred-act-gelu", "error", "unknown powerinfer.predictor.act", "powerinfer.predictor.act", ("gelu", V.STRING, None))
     key_case("pred-act-u32", "error", "powerinfer.predictor.act is not a string", "powerinfer.predictor.act", (0, V.UINT32, None))
-    key_case("recall-short", "any", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
-    key_case("recall-nan", "any", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
-    key_case("calib-absent", "any", "", "powerinfer.calib.tokens", "drop")
+    key_case("recall-short", "run", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
+    key_case("recall-nan", "run", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
+    key_case("calib-absent", "run", "", "powerinfer.calib.tokens", "drop")
     key_case("act-silu", "error", "needs a relu or drelu FFN", "llama.hidden_activation", ("silu", V.STRING, None))
     key_case("act-bogus", "error", "unsupported FFN activation", "llama.hidden_activation", ("swish9", V.STRING, None))
     # run-time keys a file may carry, with bad values (the Python API overrides sparse/all_active,
@@ -111,7 +114,7 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
             ("rt-all-str", "powerinfer.runtime.all_active", "yes", V.STRING, "")):
         p = out / f"{name}.gguf"
         keys = [(key, value, vtype)]
-        cases.append((Case(name, "error" if fragment else "any", fragment), p,
+        cases.append((Case(name, "error" if fragment else "run", fragment), p,
                       lambda p=p, keys=keys: _rewrite(src, p, add_keys=keys)))
 
     # tensors, first and last layer
@@ -124,23 +127,23 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
                     lambda n, a: (n, np.ascontiguousarray(np.zeros((n_embd, rank + 1), np.float32)))))
         tensor_case(f"L{il}-fc2-rank-mismatch", "error", "pi_pred_fc2", edit(b + "pi_pred_fc2.weight",
                     lambda n, a: (n, np.zeros((n_ff, rank + 3), np.float32))))
-        tensor_case(f"L{il}-fc2-nan", "any", "", edit(b + "pi_pred_fc2.weight",
+        tensor_case(f"L{il}-fc2-nan", "run", "", edit(b + "pi_pred_fc2.weight",
                     lambda n, a: (n, np.full_like(a, np.nan))))
         tensor_case(f"L{il}-thr-short", "error", "pi_pred_threshold", edit(b + "pi_pred_threshold",
                     lambda n, a: (n, a[:-1].copy())))
         tensor_case(f"L{il}-thr-f16", "error", "has type f16", edit(b + "pi_pred_threshold",
                     lambda n, a: (n, a.astype(np.float16))))
-        tensor_case(f"L{il}-thr-nan", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.nan))))
-        tensor_case(f"L{il}-thr-neginf", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, -np.inf))))
-        tensor_case(f"L{il}-thr-posinf", "any", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.inf))))
+        tensor_case(f"L{il}-thr-nan", "run", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-thr-neginf", "run", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, -np.inf))))
+        tensor_case(f"L{il}-thr-posinf", "run", "", edit(b + "pi_pred_threshold", lambda n, a: (n, np.full_like(a, np.inf))))
         tensor_case(f"L{il}-thr-absent", "error", "pi_pred_threshold", edit(b + "pi_pred_threshold", lambda n, a: None))
         tensor_case(f"L{il}-freq-long", "error", "pi_neuron_freq", edit(b + "pi_neuron_freq",
                     lambda n, a: (n, np.concatenate([a, a]))))
-        tensor_case(f"L{il}-freq-nan", "any", "", edit(b + "pi_neuron_freq", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-freq-nan", "run", "", edit(b + "pi_neuron_freq", lambda n, a: (n, np.full_like(a, np.nan))))
         tensor_case(f"L{il}-downt-transposed", "error", "ffn_down_t", edit(b + "ffn_down_t.weight",
                     lambda n, a: (n, np.ascontiguousarray(a.T))))
         tensor_case(f"L{il}-downt-absent", "error", "ffn_down_t", edit(b + "ffn_down_t.weight", lambda n, a: None))
-        tensor_case(f"L{il}-downt-nan", "any", "", edit(b + "ffn_down_t.weight", lambda n, a: (n, np.full_like(a, np.nan))))
+        tensor_case(f"L{il}-downt-nan", "run", "", edit(b + "ffn_down_t.weight", lambda n, a: (n, np.full_like(a, np.nan))))
         tensor_case(f"L{il}-gate-f16", "error", "ffn_gate is f16 but ffn_up is f32", edit(b + "ffn_gate.weight",
                     lambda n, a: (n, a.astype(np.float16))))
         tensor_case(f"L{il}-gate-i32", "error", "has type i32", edit(b + "ffn_gate.weight",
@@ -179,11 +182,18 @@ def _header_size(r) -> int:
     return int(min(t.data_offset for t in r.tensors))
 
 
-def run_case(path: Path) -> str:
-    """Load and generate a few tokens; 'RAN' or 'ERR <message>'."""
+def run_case(path: Path, budget: bool = False) -> str:
+    """Load and generate a few tokens; 'RAN' or 'ERR <message>'. With budget: half the file's size,
+    planned without a GPU, no compute reserve, no hand-off cost (so layers split)."""
     from powerinfer_gguf import Llama
+    from powerinfer_gguf.format import Keys
+    kw = {}
+    if budget:
+        kw = {"vram_budget": max(1, path.stat().st_size // 2),
+              "kv_overrides": {Keys.Runtime.PLAN_WITHOUT_GPU: True, Keys.Runtime.VRAM_RESERVE: 0,
+                               Keys.Runtime.SPLIT_COST_US: 0}}
     try:
-        llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False)
+        llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, **kw)
         llm("Hello there", max_tokens=4, temperature=0.0)
         llm.close()
         return "RAN"
@@ -193,11 +203,12 @@ def run_case(path: Path) -> str:
 
 if __name__ == "__main__":
     out, src = Path(sys.argv[1]), Path(sys.argv[2])
+    budget = sys.argv[3:] == ["--budget"]
     out.mkdir(parents=True, exist_ok=True)
     for case, path, write in make_cases(src, out):
         print(f"START {case.name}", flush=True)
         write()
-        outcome = run_case(path)
+        outcome = run_case(path, budget)
         path.unlink()
         print(f"CASE {case.name} {case.expect} {case.fragment!r} -> {outcome}", flush=True)
     print("DONE", flush=True)

@@ -1,4 +1,4 @@
-"""Set-up: patches apply in order, builds are cached, a broken patch is named."""
+"""Set-up: hooks apply in order, our sources are copied in, builds are cached, a broken patch is named."""
 from __future__ import annotations
 
 import subprocess
@@ -21,6 +21,26 @@ def test_patches_are_numbered_and_documented():
         assert "Subject:" in head, f"{p.name} has no header saying what it does"
 
 
+def test_patches_only_hook_upstream_files():
+    """Our code is plain source in csrc/; a patch edits upstream files only, each file in one patch."""
+    owner = {}
+    added = 0
+    for p in build.patch_files():
+        text = p.read_text()
+        assert "new file mode" not in text, f"{p.name} creates a file: put it in csrc/"
+        for line in text.splitlines():
+            if line.startswith("diff --git a/"):
+                name = line.split(" b/", 1)[1]
+                assert name not in owner, f"{name} is edited by {owner[name]} and {p.name}"
+                owner[name] = p.name
+            elif line.startswith("+") and not line.startswith("+++"):
+                added += 1
+    assert added <= 350, f"patches/ adds {added} lines: hooks only"
+    stock = build.stock_llama_source()
+    for rel in build.source_files():
+        assert not (stock / rel).exists(), f"csrc/{rel} would replace llama.cpp's own file"
+
+
 def test_second_setup_rebuilds_nothing():
     """The test session's own `make setup` built everything; a second run finds it all cached."""
     stamps = {side: build.build_dir(side) / build.STAMP for side in ("patched", "stock")}
@@ -41,6 +61,9 @@ def test_vendor_link_is_the_patched_tree():
     log = subprocess.run(["git", "log", "--format=%s"], cwd=link, capture_output=True, text=True).stdout
     for p in build.patch_files():
         assert p.name in log  # one commit per patch, in order
+    assert log.splitlines()[0] == build.SOURCES_COMMIT  # then csrc/, one commit
+    for rel in build.source_files():
+        assert (link / rel).read_bytes() == (build.CSRC_DIR / rel).read_bytes()
 
 
 def test_patch_that_no_longer_applies_is_named(tmp_path, monkeypatch):
@@ -66,37 +89,56 @@ def test_patch_that_no_longer_applies_is_named(tmp_path, monkeypatch):
     assert (tmp_path / "vendor" / "llama.cpp").resolve() == tree.resolve()
 
 
-def test_reapply_keeps_mtimes_of_unchanged_files(tmp_path, monkeypatch):
-    """A changed patches/ is re-applied over the stock commit; files whose content comes out the
-    same keep their mtime (the incremental build skips them), changed ones get a new one."""
-    import os
+def _own_cache(tmp_path, monkeypatch, n_patches: int):
+    """A cache, patches/ and csrc/ of the test's own (the real patched tree stays as it is)."""
+    import shutil
     monkeypatch.setenv("PI_SDIST", str(build.sdist_path()))
     monkeypatch.setenv("PI_CACHE", str(tmp_path / "cache"))
     patches = tmp_path / "patches"
     patches.mkdir()
-    first, second = build.patch_files()[:2]
-    (patches / first.name).write_text(first.read_text())
-    (patches / second.name).write_text(second.read_text())
+    for p in build.patch_files()[:n_patches]:
+        (patches / p.name).write_text(p.read_text())
+    shutil.copytree(build.CSRC_DIR, tmp_path / "csrc")
     monkeypatch.setattr(build, "PATCHES_DIR", patches)
+    monkeypatch.setattr(build, "CSRC_DIR", tmp_path / "csrc")
     monkeypatch.setattr(build, "REPO_ROOT", tmp_path)
+    return patches, tmp_path / "csrc"
+
+
+def test_reapply_keeps_mtimes_of_unchanged_files(tmp_path, monkeypatch):
+    """A change re-applies everything over the stock commit; files whose content comes out the same
+    keep their mtime (the incremental build skips them), changed ones get a new one."""
+    import os
+    patches, csrc = _own_cache(tmp_path, monkeypatch, 2)
     tree = build.patched_source()
-    api_h, impl_h = tree / "include" / "llama-powerinfer.h", tree / "src" / "llama-powerinfer-impl.h"
+    ours, cmake, ggml_h = (tree / "include" / "llama-powerinfer.h", tree / "src" / "CMakeLists.txt",
+                           tree / "ggml" / "include" / "ggml.h")  # csrc/, patch 0001, patch 0002
     old = 1_000_000_000 * 10**9  # 2001: older than any write the re-apply makes
-    for f in (api_h, impl_h):
+    for f in (ours, cmake, ggml_h):
         os.utime(f, ns=(old, old))
-    # the second patch's header text changes (new hash, same content): nothing it touches changes
+    second = sorted(patches.iterdir())[1]
     body = second.read_text().split("diff --git", 1)[1]
-    (patches / second.name).write_text("Subject: reworded\n\ndiff --git" + body)
+    second.write_text("Subject: reworded\n\ndiff --git" + body)  # new hash, same content
     assert build.patched_source() == tree
-    assert api_h.stat().st_mtime_ns == old and impl_h.stat().st_mtime_ns == old
-    # without the second patch: its new file is gone, a file both patches edit changes (new
-    # mtime), the first patch's own header does not (old mtime)
-    both = tree / "src" / "llama-powerinfer.cpp"
-    os.utime(both, ns=(old, old))
-    (patches / second.name).unlink()
+    assert all(f.stat().st_mtime_ns == old for f in (ours, cmake, ggml_h))
+    second.unlink()  # ggml.h goes back to stock: new mtime; the rest keep theirs
     build.patched_source()
-    assert api_h.stat().st_mtime_ns == old and not impl_h.exists()
-    assert both.stat().st_mtime_ns > old
+    assert ours.stat().st_mtime_ns == old and cmake.stat().st_mtime_ns == old
+    assert ggml_h.stat().st_mtime_ns > old
+    (csrc / "include" / "llama-powerinfer.h").write_text(ours.read_text() + "// edited\n")
+    build.patched_source()  # an edited source: copied again, and only it is newer
+    assert ours.read_text().endswith("// edited\n") and ours.stat().st_mtime_ns > old
+    assert cmake.stat().st_mtime_ns == old
+
+
+def test_edit_of_a_copy_in_the_tree_is_refused(tmp_path, monkeypatch):
+    """An edit made in vendor/llama.cpp to one of our files would be lost: set-up names csrc/."""
+    patches, csrc = _own_cache(tmp_path, monkeypatch, 1)
+    tree = build.patched_source()
+    (tree / "src" / "llama-powerinfer-plan.cpp").write_text("// lost?\n")
+    (csrc / "src" / "llama-powerinfer-plan.cpp").write_text("// a change elsewhere: a new hash\n")
+    with pytest.raises(build.BuildError, match="csrc/src/llama-powerinfer-plan.cpp"):
+        build.patched_source()
 
 
 def test_missing_tool_says_run_setup(monkeypatch, tmp_path):

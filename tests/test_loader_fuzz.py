@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 
 
-def test_every_corruption_errors_or_runs(tiny_pi, tmp_path):
+@pytest.mark.parametrize("budget", [False, True], ids=["cpu", "budget"])
+def test_every_corruption_errors_or_runs(tiny_pi, tmp_path, budget):
     _, ours, _ = tiny_pi
-    r = subprocess.run([sys.executable, str(HERE / "loader_cases.py"), str(tmp_path), str(ours)],
+    r = subprocess.run([sys.executable, str(HERE / "loader_cases.py"), str(tmp_path), str(ours)] +
+                       (["--budget"] if budget else []),
                        capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     lines = r.stdout.splitlines()
@@ -26,6 +30,8 @@ def test_every_corruption_errors_or_runs(tiny_pi, tmp_path):
         _, name, expect, fragment = head.split(" ", 3)
         fragment = eval(fragment)  # repr() of a plain string written by the driver
         if expect == "error" and not (outcome.startswith("ERR ") and fragment in outcome):
+            bad.append(ln)
+        if expect == "run" and outcome != "RAN":
             bad.append(ln)
         if outcome.startswith("ERR ") and "\n" in outcome:
             bad.append(ln)

@@ -1,4 +1,4 @@
-"""Patches 0007/0009: FFN rows split into a device part and a CPU part, the VRAM-budget planner's
+"""Placement: FFN rows split into a hot part (the layer's device) and a cold part (CPU memory), the VRAM-budget planner's
 checks, pi-synth --pi, and pi-bench's GPU-side plans. A CPU-only build puts both parts of a split
 in CPU memory, which is what CI checks here: the split, the views of score and threshold, the
 merge; tools/gpu-split.sh runs the same checks with the hot part on a GPU."""

@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# Issue 5 on the GPU machine's host CPU (16 cores): GB/s of rows the sparse kernel reads against
-# ggml's dense mat-vec, for each way of sharing rows among threads (GGML_PI_DEAL, patches/0014) and
-# each prefetch (GGML_PI_PREFETCH), in interleaved rounds (single figures there move by 5-10%).
+# The CPU kernel on the GPU machine's host CPU (16 cores): GB/s of rows it reads against ggml's
+# dense mat-vec, in interleaved rounds (single figures there move by 5-10%), and decode end to end.
 #   tools/cpu16-kernel.sh kernel [ROUNDS]
 #       CPU build of the patched side, then the rounds; writes $OUT/kernel-options.txt (one line per
-#       run, "cfg=<deal>/<prefetch>/<bundle>/<fire>/<threads> round=N | ...") and its summary
+#       run, "cfg=<fire>/<threads> round=N | ...") and its summary
 #       (tools/kernel_summary.py) $OUT/kernel-summary.md
 #   tools/cpu16-kernel.sh all [ROUNDS]
 #       both of the steps below in one call: builds both sides, the rounds, then e2e
 #   tools/cpu16-kernel.sh e2e
 #       decode end to end at budget 0: both sides built for the CPU, the synthetic 7B-shape F16 pair
-#       (in /dev/shm), then pi-bench (stock against ours, 16 threads) once per GGML_PI_DEAL mode not
-#       yet measured on this machine, while the call has time left (call it again for the rest)
+#       (in /dev/shm), then pi-bench (stock against ours, 16 threads)
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +31,8 @@ build() {  # both sides (e2e) or the patched one (kernel), once per machine
 
 kernel() {
     build patched
-    # deal / prefetch / bundle / share of computed neurons that fire / threads
-    kernel_rounds "$1" split/4,4/8/1/16 static/4,4/8/1/16 dynamic/4,4/8/1/16 split/2,160,l2/8/1/16 \
-        split/4,4/8/0.66/16 static/4,4/8/0.66/16 dynamic/4,4/8/0.66/16 | tee "$OUT/kernel-options.txt" | tail -3
+    # share of computed neurons that fire / threads
+    kernel_rounds "$1" 1/16 0.66/16 | tee "$OUT/kernel-options.txt" | tail -3
     python3 tools/kernel_summary.py "$OUT/kernel-options.txt" | tee "$OUT/kernel-summary.md"
     el "kernel rounds done"
 }
@@ -48,20 +45,11 @@ e2e() {
             --pi $M/7b.pi.gguf --calib-tokens 128 --heldout-tokens 64 > "$OUT/synth.log" 2>&1
         el "7B pair written (rc $?)"; tail -2 "$OUT/synth.log" | tr '\r' '\n' | tail -2
     fi
-    for deal in $E2E_DEALS; do
-        [ -f $M/e2e-$deal.json ] && continue
-        [ $(( $(date +%s) - t0 )) -lt $E2E_BY ] || { el "no time left for $deal: call again"; break; }
-        GGML_PI_DEAL=$deal python3 -m powerinfer_gguf bench $M/7b.pi.gguf --stock $M/7b.stock.gguf --vram-budget 0 \
-            -t 16 -p 64 -n 32 -r 2 --json $M/e2e-$deal.json 2>&1 | grep -v "^\[" | tee "$OUT/e2e-$deal.txt"
-        cp $M/e2e-$deal.json "$OUT/" 2>/dev/null
-        el "pi-bench with GGML_PI_DEAL=$deal done"
-    done
+    python3 -m powerinfer_gguf bench $M/7b.pi.gguf --stock $M/7b.stock.gguf --vram-budget 0 \
+        -t 16 -p 64 -n 32 -r 2 --json "$OUT/e2e.json" 2>&1 | grep -v "^\[" | tee "$OUT/e2e.txt"
+    el "pi-bench done"
 }
 
-# pi-bench runs (ours with each of these deals; the default, split, first) started before this
-# many seconds into the call (one takes ~55 s at 7B)
-E2E_DEALS=${E2E_DEALS:-split static dynamic}
-E2E_BY=${E2E_BY:-480}
 case "${1:-}" in
 kernel) kernel "${2:-3}" ;;
 e2e) e2e ;;

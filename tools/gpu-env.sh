@@ -17,14 +17,15 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 # interleaved rounds of tools/kernel-bench.sh (13B rows, 8 layers, 2 MB pages; single figures move
-# by 5-10% on that machine), one line per result: "cfg=<deal>/<prefetch>/<bundle>/<fire>/<threads>
-# round=N | ...", as tools/kernel_summary.py reads them:   kernel_rounds ROUNDS CFG...
+# by 5-10% on that machine), one line per result: "cfg=<fire>/<threads> round=N | ...", as
+# tools/kernel_summary.py reads them (fire: share of computed neurons that fire):
+#   kernel_rounds ROUNDS CFG...
 kernel_rounds() {
     local rounds=$1 round cfg; shift
     for round in $(seq 1 "$rounds"); do
         for cfg in "$@"; do
-            IFS=/ read -r deal pf bundle fire threads <<< "$cfg"
-            GGML_PI_DEAL=$deal GGML_PI_PREFETCH=$pf GGML_PI_BUNDLE=$bundle PI_BENCH_FIRE=$fire PI_BENCH_HUGEPAGES=1 \
+            IFS=/ read -r fire threads <<< "$cfg"
+            PI_BENCH_FIRE=$fire PI_BENCH_HUGEPAGES=1 \
                 PY=python3 OUT_DIR=/tmp tools/kernel-bench.sh 5120 13824 8 "$threads" 5 0.00008 0.05 0.1 0.2 2>&1 \
                 | grep -E "^\| (dense|[0-9]+%)" | sed "s#^#cfg=$cfg round=$round #"
         done

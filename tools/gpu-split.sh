@@ -9,9 +9,8 @@
 #                              --pi) in its own session
 #   PRESET=13b tools/gpu-split.sh synth
 #                              starts that pair in its own session (other presets' files removed first)
-#   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages:
-#                              down rows bundled 8/4/1 (GGML_PI_BUNDLE), prefetch options
-#                              (GGML_PI_PREFETCH, L1 or L2), interleaved rounds
+#   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
+#                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
 #                              -ngl and -ot vs ours)
@@ -66,16 +65,13 @@ synth)
     start_synth $P
     ;;
 kernel)
-    # interleaved rounds: down-row bundles 8 (default) / 4 / 1, and the rows' prefetch: 4 lines 4
-    # neurons ahead into L1 (default), off, whole or part rows into L2 (patches/0012); all computed
-    # neurons firing, and 66% of them (PI_BENCH_FIRE: a real decode's precision, where a third of
-    # the predicted neurons cost a gate row alone)
-    kernel_rounds 3 split/4,4/8/1/16 split/4,4/4/1/16 split/4,4/1/1/16 split/0,0/8/1/16 split/2,160,l2/8/1/16 \
-        split/1,160,l2/8/1/16 split/4,32,l2/8/1/16 split/4,4/8/0.66/16 split/4,4/4/0.66/16 split/2,160,l2/8/0.66/16 \
-        > "$OUT/kernel-13b-16t-options.txt"
-    python3 tools/kernel_summary.py "$OUT/kernel-13b-16t-options.txt" | tee "$OUT/kernel-13b-16t-summary.md"
+    # all computed neurons firing, and 66% of them (PI_BENCH_FIRE: a real decode's precision,
+    # where a third of the predicted neurons cost a gate row alone)
+    kernel_rounds 3 1/16 0.66/16 > "$OUT/kernel-13b-16t.txt"
+    python3 tools/kernel_summary.py "$OUT/kernel-13b-16t.txt" | tee "$OUT/kernel-13b-16t-summary.md"
     el "kernel bench done"
-    # the op on CUDA against the CPU (patches/0013), then its GB/s on the GPU and on the CPU
+    # the op on CUDA against its definition in primitives and against the CPU, then its GB/s
+    $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -3 | tee "$OUT/pi-sparse-ffn.txt"
     T=$(pi_patched_bin)/test-backend-ops
     $T -o PI_SPARSE_FFN -b CUDA0 2>&1 | grep -E "FAIL|passed|OK$" | tail -5 | tee "$OUT/backend-ops.txt"
     for b in CUDA0 CPU; do

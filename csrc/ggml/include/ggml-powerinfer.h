@@ -1,0 +1,71 @@
+// powerinfer_gguf: ggml ops of the PowerInfer-style sparse FFN (kernels: ggml-cpu/powerinfer-ops.cpp, ggml-cuda/pi-sparse-ffn.cu).
+//
+// One op: the FFN of ReLU-family models (ReGLU, dReLU) computed only for the neurons a predictor
+// says will fire. The down projection is stored one contiguous row per neuron (`down_t`), so an
+// active neuron costs three row reads (gate, up, down) and an inactive one costs nothing.
+#pragma once
+
+#include "ggml.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+    enum ggml_pi_act {
+        GGML_PI_ACT_RELU  = 0, // h = relu(gate . x) * (up . x)
+        GGML_PI_ACT_DRELU = 1, // h = relu(gate . x) * relu(up . x)
+    };
+
+    enum ggml_pi_sparse_flags {
+        GGML_PI_SPARSE_ALL_ACTIVE = 1, // ignore score/threshold: every row is computed (sparse == dense check)
+    };
+
+    // Counters a kernel adds to (atomically) on every evaluation, when the op is given them.
+    struct ggml_pi_sparse_stats {
+        int64_t n_evals;     // evaluations of the op
+        int64_t n_tokens;    // tokens seen
+        int64_t n_rows;      // rows offered, summed over tokens (n_rows x n_tokens)
+        int64_t n_predicted; // rows predicted active, summed over tokens: these are read
+        int64_t n_fired;     // of those, rows whose activation was non-zero
+        // profile of the CPU kernel (the CUDA kernels count nothing: their time is the GPU's)
+        int64_t n_up;        // of the predicted rows, those whose gate fired: their up row was read
+        int64_t ns;          // wall time inside the kernel (thread 0, entry to exit), summed
+        int64_t n_threads;   // threads of the last evaluation
+    };
+
+    // out[:, t] = sum over rows j with score[j, t] > threshold[j] of h_j(x_t) * down_t[:, j]
+    //
+    //   x         F32 [n_embd, T]        FFN input (after ffn_norm)
+    //   gate, up  [n_embd, n_rows]       any type with a CPU vec_dot; rows in neuron order
+    //   down_t    [n_embd, n_rows]       the down projection, one row per neuron
+    //   score     F32 [n_rows, T] or NULL   predictor output (may be a view)
+    //   threshold F32 [n_rows] or NULL      per-row threshold
+    //   stats     counters to add to, or NULL; must outlive every graph holding the op
+    //
+    // Result F32 [n_embd, T]. With GGML_PI_SPARSE_ALL_ACTIVE, score and threshold may be NULL.
+    GGML_API struct ggml_tensor * ggml_pi_sparse_ffn(
+            struct ggml_context         * ctx,
+            struct ggml_tensor          * x,
+            struct ggml_tensor          * gate,
+            struct ggml_tensor          * up,
+            struct ggml_tensor          * down_t,
+            struct ggml_tensor          * score,
+            struct ggml_tensor          * threshold,
+            enum ggml_pi_act              act,
+            uint32_t                      flags,
+            struct ggml_pi_sparse_stats * stats);
+
+    // Accessors for the op's parameters (kernels of every backend read them the same way).
+    GGML_API enum ggml_pi_act             ggml_pi_sparse_ffn_act  (const struct ggml_tensor * op);
+    GGML_API uint32_t                     ggml_pi_sparse_ffn_flags(const struct ggml_tensor * op);
+    GGML_API struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor * op);
+
+    // Asks the kernel for 2 MB pages over the 2 MB-aligned interior of [data, data + size) when
+    // size >= 64 MiB (Linux, THP in "madvise" or "always" mode; elsewhere a no-op). Call before the
+    // memory is first touched: scattered row reads (the sparse FFN) then cost far fewer TLB misses.
+    // GGML_PI_HUGEPAGES=0 turns it off.
+    GGML_API void ggml_pi_advise_hugepages(void * data, size_t size);
+
+#ifdef __cplusplus
+}
+#endif

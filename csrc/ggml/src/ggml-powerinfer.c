@@ -1,0 +1,90 @@
+// powerinfer_gguf: graph constructors of include/ggml-powerinfer.h (kernels live with each backend).
+#include "ggml-powerinfer.h"
+#include "ggml-impl.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// op_params layout: [0] act, [1] flags, [2..3] stats pointer
+#define PI_PARAM_STATS_OFFSET (2 * sizeof(int32_t))
+
+struct ggml_tensor * ggml_pi_sparse_ffn(
+        struct ggml_context         * ctx,
+        struct ggml_tensor          * x,
+        struct ggml_tensor          * gate,
+        struct ggml_tensor          * up,
+        struct ggml_tensor          * down_t,
+        struct ggml_tensor          * score,
+        struct ggml_tensor          * threshold,
+        enum ggml_pi_act              act,
+        uint32_t                      flags,
+        struct ggml_pi_sparse_stats * stats) {
+    const int64_t n_embd = gate->ne[0];
+    const int64_t n_rows = gate->ne[1];
+    const int64_t n_tok  = x->ne[1];
+
+    GGML_ASSERT(x->type == GGML_TYPE_F32 && x->ne[0] == n_embd && x->ne[2] == 1 && x->ne[3] == 1);
+    GGML_ASSERT(ggml_are_same_shape(gate, up) && ggml_are_same_shape(gate, down_t));
+    GGML_ASSERT(gate->type == up->type);
+    GGML_ASSERT(gate->ne[2] == 1 && gate->ne[3] == 1);
+    GGML_ASSERT(act == GGML_PI_ACT_RELU || act == GGML_PI_ACT_DRELU);
+    if (!(flags & GGML_PI_SPARSE_ALL_ACTIVE) || score || threshold) {
+        GGML_ASSERT(score && threshold);
+        GGML_ASSERT(score->type == GGML_TYPE_F32 && score->ne[0] == n_rows && score->ne[1] == n_tok);
+        GGML_ASSERT(score->nb[0] == sizeof(float));
+        GGML_ASSERT(threshold->type == GGML_TYPE_F32 && ggml_nelements(threshold) == n_rows);
+        GGML_ASSERT(ggml_is_contiguous(threshold));
+    }
+
+    struct ggml_tensor * result = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
+
+    int32_t params[GGML_MAX_OP_PARAMS / sizeof(int32_t)] = { (int32_t) act, (int32_t) flags };
+    memcpy((char *) params + PI_PARAM_STATS_OFFSET, &stats, sizeof(stats));
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_PI_SPARSE_FFN;
+    result->src[0] = gate;
+    result->src[1] = up;
+    result->src[2] = down_t;
+    result->src[3] = x;
+    result->src[4] = score;
+    result->src[5] = threshold;
+    return result;
+}
+
+enum ggml_pi_act ggml_pi_sparse_ffn_act(const struct ggml_tensor * op) {
+    return (enum ggml_pi_act) ggml_get_op_params_i32(op, 0);
+}
+
+uint32_t ggml_pi_sparse_ffn_flags(const struct ggml_tensor * op) {
+    return (uint32_t) ggml_get_op_params_i32(op, 1);
+}
+
+struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor * op) {
+    struct ggml_pi_sparse_stats * stats;
+    memcpy(&stats, (const char *) op->op_params + PI_PARAM_STATS_OFFSET, sizeof(stats));
+    return stats;
+}
+
+void ggml_pi_advise_hugepages(void * data, size_t size) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const size_t huge = (size_t) 2 << 20;
+    const char * env = getenv("GGML_PI_HUGEPAGES");
+    if (data == NULL || size < ((size_t) 64 << 20) || (env && strcmp(env, "0") == 0)) {
+        return;
+    }
+    const uintptr_t lo = ((uintptr_t) data + huge - 1) & ~(uintptr_t) (huge - 1);
+    const uintptr_t hi = ((uintptr_t) data + size) & ~(uintptr_t) (huge - 1);
+    if (hi > lo) {
+        madvise((void *) lo, hi - lo, MADV_HUGEPAGE); // advice only: failure leaves 4 KB pages
+    }
+#else
+    (void) data;
+    (void) size;
+#endif
+}

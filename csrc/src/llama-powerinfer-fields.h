@@ -1,0 +1,45 @@
+// powerinfer_gguf: our fields in llama.cpp's structs, gathered in one member each
+// (llama_hparams::pi, llama_layer::pi), so an upstream struct gains one line.
+#pragma once
+
+#include "ggml-powerinfer.h"
+
+#include <array>
+#include <cstdint>
+
+struct ggml_tensor;
+
+// What the file says (powerinfer.* keys), the run-time choices (powerinfer.runtime.* kv overrides)
+// and the placement the planner made. Included by llama-hparams.h after LLAMA_MAX_LAYERS.
+struct llama_pi_hparams {
+    uint32_t ffn_act   = 0;     // enum llama_pi_act, from `<arch>.hidden_activation`; 0 = SiLU (upstream)
+    bool     sparse    = false; // the file carries our sparse layout
+    bool     pred_relu = false; // the predictor has a ReLU between its matrices (PowerInfer's form)
+
+    bool     rt_sparse      = true;      // false: dense FFN over our layout
+    bool     rt_all_active  = false;     // true: every neuron computed on the sparse path
+    bool     rt_rows_pinned = false;     // true: cold rows may use a GPU's pinned host buffers
+    uint32_t rt_max_tokens  = 1u << 20;  // ubatches up to this many tokens take the sparse path
+
+    // placement: layer il keeps its dev rows [0, dev_rows[il]) on its own device (a GPU layer: its
+    // hot rows) and its cold rows [dev_rows[il], n_ff) in CPU memory. Without a plan: n_ff (whole).
+    bool placed = false;
+    std::array<uint32_t, LLAMA_MAX_LAYERS> dev_rows = {};
+};
+
+// A layer's tensors of our layout, and what its sparse FFN did.
+struct llama_pi_layer {
+    ggml_tensor * ffn_down_t     = nullptr; // down projection, one row per neuron
+    ggml_tensor * pred_fc1       = nullptr;
+    ggml_tensor * pred_fc2       = nullptr;
+    ggml_tensor * pred_threshold = nullptr;
+    ggml_tensor * neuron_freq    = nullptr;
+    // the cold part of a split FFN (rows [dev_rows, n_ff) in CPU memory); null when not split
+    ggml_tensor * ffn_gate_cold       = nullptr;
+    ggml_tensor * ffn_up_cold         = nullptr;
+    ggml_tensor * ffn_down_t_cold     = nullptr;
+    ggml_tensor * pred_threshold_cold = nullptr;
+    // counters the kernels add to (llama_pi_get_layer_stats): the hot part (or the whole FFN), the cold part
+    mutable ggml_pi_sparse_stats stats      = {};
+    mutable ggml_pi_sparse_stats stats_cold = {};
+};

@@ -1,0 +1,86 @@
+// powerinfer_gguf: internal declarations shared by our additions (not part of the public API).
+#pragma once
+
+#include "llama-graph.h"
+#include "llama-hparams.h"
+#include "llama-powerinfer.h"
+
+#include <string>
+#include <vector>
+
+struct llama_model_loader;
+struct llama_layer;
+struct llama_model_base;
+
+// powerinfer_gguf/format.py: the key names, written once on the C++ side
+#define LLAMA_PI_FORMAT_VERSION       1
+#define LLAMA_PI_KEY_FORMAT_VERSION   "powerinfer.format_version"
+#define LLAMA_PI_KEY_SPARSE           "powerinfer.sparse"
+#define LLAMA_PI_KEY_FFN_DOWN_LAYOUT  "powerinfer.ffn_down_layout"
+#define LLAMA_PI_KEY_PREDICTOR_ACT    "powerinfer.predictor.act"
+
+// run-time choices: not written in files, given as kv overrides (llama_model_params.kv_overrides)
+#define LLAMA_PI_KEY_RT_SPARSE        "powerinfer.runtime.sparse"            // bool, default true
+#define LLAMA_PI_KEY_RT_ALL_ACTIVE    "powerinfer.runtime.all_active"        // bool, default false
+#define LLAMA_PI_KEY_RT_MAX_TOKENS    "powerinfer.runtime.sparse_max_tokens" // int, default 1048576 (all)
+#define LLAMA_PI_KEY_RT_VRAM_BUDGET   "powerinfer.runtime.vram_budget"       // int bytes; -1 = free VRAM less a margin
+#define LLAMA_PI_KEY_RT_VRAM_CTX      "powerinfer.runtime.vram_ctx"          // int, context the KV reserve is sized for
+#define LLAMA_PI_KEY_RT_DEV_ROWS      "powerinfer.runtime.dev_rows"          // int: force every layer's split (tests)
+#define LLAMA_PI_KEY_RT_VRAM_RESERVE  "powerinfer.runtime.vram_reserve"      // int bytes for compute buffers (default: estimated)
+#define LLAMA_PI_KEY_RT_SPLIT_COST_US "powerinfer.runtime.split_cost_us"     // int, per-layer CPU hand-off cost, default 70
+#define LLAMA_PI_KEY_RT_PLAN_NO_GPU   "powerinfer.runtime.plan_without_gpu"  // bool: plan a budget with no GPU (tests)
+#define LLAMA_PI_KEY_RT_ROWS_PINNED   "powerinfer.runtime.rows_pinned"       // bool: CPU rows in pinned host memory (default false)
+
+// FFN activations of LLaMA-family models (powerinfer_gguf/format.py ACTIVATIONS).
+enum llama_pi_act : uint32_t {
+    LLAMA_PI_ACT_SILU  = 0, // SwiGLU: silu(gate x) * (up x)          (upstream llama)
+    LLAMA_PI_ACT_RELU  = 1, // ReGLU:  relu(gate x) * (up x)          (ReluLLaMA, ProSparse)
+    LLAMA_PI_ACT_DRELU = 2, // dReLU:  relu(gate x) * relu(up x)      (TurboSparse)
+};
+
+// Reads `<arch>.hidden_activation` into hparams.pi.ffn_act; absent means SiLU. An activation we
+// do not know fails the load with a message naming it (never a silent SiLU).
+void llama_pi_load_ffn_act(llama_model_loader & ml, llama_hparams & hparams);
+
+// Reads and checks our `powerinfer.*` keys (docs/FORMAT.md); sets hparams.pi.sparse when the file
+// carries the sparse layout. A file without them is untouched. Bad values fail the load by name.
+void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams);
+
+// A run-time int / bool key: a kv override of that name wins, then the file's key, else def.
+int64_t llama_pi_runtime_int(const llama_model_loader & ml, const char * key, int64_t def);
+bool    llama_pi_runtime_bool(const llama_model_loader & ml, const char * key, bool def);
+
+// Placement under a VRAM budget (llama-powerinfer-placement.cpp). Runs in load_tensors before any
+// buffer is made: reads each layer's neuron frequencies from the file, decides how many layers run
+// on the GPU (attention, KV, predictor: read whole every token) and, for those, how many of the
+// hottest FFN rows join them (the rest stay in CPU memory), fills hparams.pi.dev_rows and logs the
+// decision. Returns the n_gpu_layers to use: the caller's unless a budget was given. An impossible
+// budget fails the load with a message saying what fits.
+int llama_pi_plan_placement(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers);
+
+// Splits the file tensor `name` along its last dimension at `rows`: the loader then knows `name` as
+// rows [0, rows) and `cold_name` as the rest, both read from the file's bytes (no copy).
+void llama_pi_split_weight(llama_model_loader & ml, const std::string & name, const std::string & cold_name, int64_t rows);
+
+// Creates layer il's down_t and predictor tensors (instead of ffn_down), after gate and up: checks every
+// shape against the hyperparameters (the predictor rank is read from the file and must be sane),
+// every type against what the kernels read, and that the layer has no FFN biases.
+void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer, int il);
+
+// The dense gated FFN of one layer with hparams.pi.ffn_act. The one place a llama-family graph
+// builds its FFN: the sparse FFN branches off here.
+ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il);
+
+// The planner's answer (llama-powerinfer-plan.cpp); llama_pi_plan() is its C face.
+struct llama_pi_plan_result {
+    int     n_gpu_layers = -1; // llama.cpp's count: output = 1, then layers from the last; -1: the output does not fit
+    int     n_layers_gpu = 0;  // whole layers (attention, KV, predictor) on the GPU
+    int64_t fixed_bytes  = 0;  // their bytes and the output layer's
+    int64_t rows_bytes   = 0;  // bytes of the hot rows
+    double  mass_share   = 0;  // of the GPU layers' activation mass, the share their hot rows carry
+    std::vector<int64_t> dev_rows; // per layer: rows with the layer on its device
+};
+llama_pi_plan_result llama_pi_plan_layers(const llama_pi_plan_layer * layers, int n_layer, const llama_pi_plan_params & p);
+
+// "auto": what a GPU has free, less a margin for the driver and fragmentation (512 MiB + 2% of its total).
+int64_t llama_pi_auto_budget(size_t free, size_t total);

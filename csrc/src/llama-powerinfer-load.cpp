@@ -1,0 +1,220 @@
+// powerinfer_gguf: what a file of our layout holds: the FFN activation, our keys (checked), the
+// run-time keys (kv overrides first), and each layer's tensors with their shapes and types checked.
+#include "llama-powerinfer-impl.h"
+
+#include "llama-model.h"
+#include "llama-model-loader.h"
+
+#include "gguf.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+void llama_pi_load_ffn_act(llama_model_loader & ml, llama_hparams & hparams) {
+    std::string act;
+    hparams.pi.ffn_act = LLAMA_PI_ACT_SILU;
+    if (!ml.get_key(LLM_KV_HIDDEN_ACT, act, false)) {
+        return;
+    }
+    if (act == "silu" || act == "swiglu") {
+        hparams.pi.ffn_act = LLAMA_PI_ACT_SILU;
+    } else if (act == "relu" || act == "reglu") {
+        hparams.pi.ffn_act = LLAMA_PI_ACT_RELU;
+    } else if (act == "drelu") {
+        hparams.pi.ffn_act = LLAMA_PI_ACT_DRELU;
+    } else {
+        throw std::runtime_error("unsupported FFN activation '" + act + "' in " +
+                                 ml.llm_kv(LLM_KV_HIDDEN_ACT) + " (known: silu, relu, drelu)");
+    }
+}
+
+static std::string pi_str_key(const gguf_context * meta, const char * key) {
+    const int64_t id = gguf_find_key(meta, key);
+    if (id < 0) {
+        throw std::runtime_error(std::string("powerinfer: missing key ") + key);
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_STRING) {
+        throw std::runtime_error(std::string("powerinfer: key ") + key + " is not a string");
+    }
+    return gguf_get_val_str(meta, id);
+}
+
+// A run-time key: a kv override of that name wins; the file may also carry it; else the default.
+static const llama_model_kv_override * pi_override(const llama_model_loader & ml, const char * key,
+                                                   llama_model_kv_override_type tag, const char * type_name) {
+    const auto it = ml.kv_overrides.find(key);
+    if (it == ml.kv_overrides.end()) {
+        return nullptr;
+    }
+    if (it->second.tag != tag) {
+        throw std::runtime_error(std::string("powerinfer: override ") + key + " must be " + type_name);
+    }
+    return &it->second;
+}
+
+bool llama_pi_runtime_bool(const llama_model_loader & ml, const char * key, bool def) {
+    if (const auto * o = pi_override(ml, key, LLAMA_KV_OVERRIDE_TYPE_BOOL, "a bool")) {
+        return o->val_bool;
+    }
+    const int64_t id = gguf_find_key(ml.metadata, key);
+    if (id < 0) {
+        return def;
+    }
+    if (gguf_get_kv_type(ml.metadata, id) != GGUF_TYPE_BOOL) {
+        throw std::runtime_error(std::string("powerinfer: key ") + key + " is not a bool");
+    }
+    return gguf_get_val_bool(ml.metadata, id);
+}
+
+int64_t llama_pi_runtime_int(const llama_model_loader & ml, const char * key, int64_t def) {
+    if (const auto * o = pi_override(ml, key, LLAMA_KV_OVERRIDE_TYPE_INT, "an int")) {
+        return o->val_i64;
+    }
+    const int64_t id = gguf_find_key(ml.metadata, key);
+    if (id < 0) {
+        return def;
+    }
+    switch (gguf_get_kv_type(ml.metadata, id)) {
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(ml.metadata, id);
+        case GGUF_TYPE_INT32:  return gguf_get_val_i32(ml.metadata, id);
+        default: throw std::runtime_error(std::string("powerinfer: key ") + key + " is not a 32-bit integer");
+    }
+}
+
+void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
+    const gguf_context * meta = ml.metadata;
+    hparams.pi.sparse = false;
+    const int64_t id_ver = gguf_find_key(meta, LLAMA_PI_KEY_FORMAT_VERSION);
+    if (id_ver < 0) {
+        return; // not our file: exactly as stock
+    }
+    if (gguf_get_kv_type(meta, id_ver) != GGUF_TYPE_UINT32) {
+        throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_FORMAT_VERSION " is not a uint32");
+    }
+    const uint32_t ver = gguf_get_val_u32(meta, id_ver);
+    if (ver != LLAMA_PI_FORMAT_VERSION) {
+        throw std::runtime_error("powerinfer: unsupported format version " + std::to_string(ver) +
+                                 " (this build reads " + std::to_string(LLAMA_PI_FORMAT_VERSION) + ")");
+    }
+    const int64_t id_sparse = gguf_find_key(meta, LLAMA_PI_KEY_SPARSE);
+    if (id_sparse < 0) {
+        return; // e.g. a synthetic model: only provenance keys
+    }
+    if (gguf_get_kv_type(meta, id_sparse) != GGUF_TYPE_BOOL) {
+        throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_SPARSE " is not a bool");
+    }
+    if (!gguf_get_val_bool(meta, id_sparse)) {
+        return;
+    }
+    if (hparams.pi.ffn_act == LLAMA_PI_ACT_SILU) {
+        throw std::runtime_error("powerinfer: a sparse layout needs a relu or drelu FFN, the file states silu");
+    }
+    const std::string layout = pi_str_key(meta, LLAMA_PI_KEY_FFN_DOWN_LAYOUT);
+    if (layout != "neuron_rows") {
+        throw std::runtime_error("powerinfer: unknown " LLAMA_PI_KEY_FFN_DOWN_LAYOUT " '" + layout + "'");
+    }
+    const std::string pact = pi_str_key(meta, LLAMA_PI_KEY_PREDICTOR_ACT);
+    if (pact != "none" && pact != "relu") {
+        throw std::runtime_error("powerinfer: unknown " LLAMA_PI_KEY_PREDICTOR_ACT " '" + pact + "'");
+    }
+    hparams.pi.pred_relu = pact == "relu";
+    hparams.pi.sparse = true;
+
+    hparams.pi.rt_sparse     = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_SPARSE, true);
+    hparams.pi.rt_all_active = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ALL_ACTIVE, false);
+    hparams.pi.rt_rows_pinned = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ROWS_PINNED, false);
+    const int64_t max_tokens = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_MAX_TOKENS, 1 << 20);
+    if (max_tokens < 0 || max_tokens > 1 << 20) {
+        throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_MAX_TOKENS " = " + std::to_string(max_tokens) +
+                                 " is outside 0..1048576");
+    }
+    hparams.pi.rt_max_tokens = (uint32_t) max_tokens;
+}
+
+static void pi_check_type(const ggml_tensor * t, std::initializer_list<ggml_type> allowed) {
+    for (ggml_type a : allowed) {
+        if (t->type == a) {
+            return;
+        }
+    }
+    std::string names;
+    for (ggml_type a : allowed) {
+        names += std::string(names.empty() ? "" : ", ") + ggml_type_name(a);
+    }
+    throw std::runtime_error(std::string("powerinfer: tensor ") + t->name + " has type " +
+                             ggml_type_name(t->type) + " (allowed: " + names + ")");
+}
+
+void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer, int il) {
+    llama_model_loader & ml = *model.ml;
+    const LLM_TN tn(model.arch);
+    const int64_t n_embd = model.hparams.n_embd;
+    const int64_t n_ff   = model.hparams.n_ff(il);
+    const std::string fc1_name = tn(LLM_TENSOR_PI_PRED_FC1, "weight", il);
+    const ggml_tensor * fc1_meta = ml.get_tensor_meta(fc1_name.c_str());
+    if (fc1_meta == nullptr) {
+        throw std::runtime_error("powerinfer: tensor " + fc1_name + " is missing");
+    }
+    const int64_t rank = fc1_meta->ne[1];
+    if (rank < 1 || rank > std::max(n_embd, n_ff)) {
+        throw std::runtime_error("powerinfer: " + fc1_name + " has rank " + std::to_string(rank) +
+                                 ", outside 1.." + std::to_string(std::max(n_embd, n_ff)));
+    }
+    // Placement (llama-powerinfer-placement.cpp): rows [0, h) where the layer runs, [h, n_ff) in CPU memory. h = n_ff:
+    // whole on the layer's device; h = 0: whole in CPU memory; else each row tensor is split in two
+    // over the file's bytes. create_tensor checks each shape and fails the load naming the tensor.
+    const int64_t h = model.hparams.pi.placed ? model.hparams.pi.dev_rows[il] : n_ff;
+    // rows the CPU reads go to plain CPU memory (2 MB pages) unless powerinfer.runtime.rows_pinned
+    const bool pinned = model.hparams.pi.rt_rows_pinned;
+    const bool layer_on_cpu = ggml_backend_dev_type(model.dev_layer(il)) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    auto rows_tensor = [&](llm_tensor t, const char * suffix, std::initializer_list<int64_t> full, ggml_tensor ** cold) {
+        const std::string name = tn(t, suffix, il);
+        if (h == n_ff && !layer_on_cpu) {
+            return model.create_tensor(tn(t, suffix, il), full, 0);
+        }
+        if (h == n_ff || h == 0) {
+            return model.create_tensor_cpu(tn(t, suffix, il), full, 0, pinned);
+        }
+        const std::string cold_name = name + ".cold"; // split in the loader by llama_pi_plan_placement
+        const bool vec = full.size() == 1;
+        const int64_t ne0 = *full.begin();
+        ggml_tensor * hot = vec ? model.create_tensor(tn(t, suffix, il), {h}, 0)
+                                : model.create_tensor(tn(t, suffix, il), {ne0, h}, 0);
+        const std::string cold_suffix = suffix ? std::string(suffix) + ".cold" : "cold"; // outlives cold_tn
+        const LLM_TN_IMPL cold_tn = tn(t, cold_suffix.c_str(), il);
+        GGML_ASSERT(cold_tn.str() == cold_name);
+        *cold = vec ? model.create_tensor_cpu(cold_tn, {n_ff - h}, 0, pinned)
+                    : model.create_tensor_cpu(cold_tn, {ne0, n_ff - h}, 0, pinned);
+        return hot;
+    };
+    layer.ffn_gate          = rows_tensor(LLM_TENSOR_PI_FFN_GATE, "weight", {n_embd, n_ff}, &layer.pi.ffn_gate_cold);
+    layer.ffn_up            = rows_tensor(LLM_TENSOR_PI_FFN_UP, "weight", {n_embd, n_ff}, &layer.pi.ffn_up_cold);
+    layer.pi.ffn_down_t     = rows_tensor(LLM_TENSOR_PI_FFN_DOWN_T, "weight", {n_embd, n_ff}, &layer.pi.ffn_down_t_cold);
+    layer.pi.pred_threshold = rows_tensor(LLM_TENSOR_PI_PRED_THRESHOLD, nullptr, {n_ff}, &layer.pi.pred_threshold_cold);
+    layer.pi.pred_fc1       = model.create_tensor(tn(LLM_TENSOR_PI_PRED_FC1, "weight", il), {n_embd, rank}, 0);
+    layer.pi.pred_fc2       = model.create_tensor(tn(LLM_TENSOR_PI_PRED_FC2, "weight", il), {rank, n_ff}, 0);
+    // read by the planner only: CPU memory, never VRAM
+    layer.pi.neuron_freq    = model.create_tensor_cpu(tn(LLM_TENSOR_PI_NEURON_FREQ, nullptr, il), {n_ff}, 0);
+
+    // shapes are checked above; types are ours to check, since kernels read rows by type
+    pi_check_type(layer.pi.pred_threshold, {GGML_TYPE_F32});
+    pi_check_type(layer.pi.neuron_freq,    {GGML_TYPE_F32});
+    pi_check_type(layer.pi.pred_fc1,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16});
+    pi_check_type(layer.pi.pred_fc2,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16});
+    const std::initializer_list<ggml_type> row_types = {
+        GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 };
+    pi_check_type(layer.ffn_gate,      row_types);
+    pi_check_type(layer.ffn_up,        row_types);
+    pi_check_type(layer.pi.ffn_down_t, row_types);
+    if (layer.ffn_gate_b || layer.ffn_up_b || layer.ffn_down_b) {
+        throw std::runtime_error("powerinfer: layer " + std::to_string(il) +
+                                 " has FFN biases, which the sparse layout does not support");
+    }
+    if (layer.ffn_gate->type != layer.ffn_up->type) {
+        throw std::runtime_error("powerinfer: layer " + std::to_string(il) + ": ffn_gate is " +
+                                 ggml_type_name(layer.ffn_gate->type) + " but ffn_up is " +
+                                 ggml_type_name(layer.ffn_up->type) + " (the sparse FFN needs one type)");
+    }
+}

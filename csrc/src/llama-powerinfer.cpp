@@ -1,0 +1,82 @@
+// powerinfer_gguf: the C API of include/llama-powerinfer.h (placement: llama-powerinfer-placement.cpp).
+#include "llama-powerinfer.h"
+#include "llama-powerinfer-impl.h"
+
+#include "llama-model.h"
+#include "llama-model-loader.h"
+
+#include "gguf.h"
+#include "ggml-powerinfer.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifndef LLAMA_PI_PATCHES
+#define LLAMA_PI_PATCHES "unknown"
+#endif
+
+int32_t llama_pi_api_version(void) {
+    return LLAMA_PI_API_VERSION;
+}
+
+const char * llama_pi_patch_series(void) {
+    return LLAMA_PI_PATCHES;
+}
+
+int32_t llama_pi_model_sparse(const struct llama_model * model) {
+    const llama_hparams & hp = model->hparams;
+    if (!hp.pi.sparse) {
+        return 0;
+    }
+    return hp.pi.rt_sparse ? 1 : 2;
+}
+
+int32_t llama_pi_get_layer_stats(const struct llama_model * model, int32_t il, struct llama_pi_layer_stats * out) {
+    if (!model->hparams.pi.sparse || il < 0 || il >= (int32_t) model->layers.size() || out == nullptr) {
+        return -1;
+    }
+    // A split layer's parts count separately (the GPU kernels count nothing): tokens and
+    // evaluations once, rows read and fired summed over the parts that count.
+    const llama_layer & l = model->layers[il];
+    auto ld = [](const int64_t & v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
+    out->n_evals     = std::max(ld(l.pi.stats.n_evals),  ld(l.pi.stats_cold.n_evals));
+    out->n_tokens    = std::max(ld(l.pi.stats.n_tokens), ld(l.pi.stats_cold.n_tokens));
+    out->n_rows      = out->n_tokens * (int64_t) model->hparams.n_ff(il);
+    out->n_predicted = ld(l.pi.stats.n_predicted) + ld(l.pi.stats_cold.n_predicted);
+    out->n_fired     = ld(l.pi.stats.n_fired)     + ld(l.pi.stats_cold.n_fired);
+    // rows the CPU read: a gate row per predicted neuron, an up row per firing gate, a down row
+    // per non-zero activation (both parts have the layer's row sizes: they are views of its rows)
+    const int64_t n_up = ld(l.pi.stats.n_up) + ld(l.pi.stats_cold.n_up);
+    out->cpu_bytes   = out->n_predicted * (int64_t) l.ffn_gate->nb[1] + n_up * (int64_t) l.ffn_up->nb[1] +
+                       out->n_fired * (int64_t) l.pi.ffn_down_t->nb[1];
+    out->cpu_ns      = ld(l.pi.stats.ns)          + ld(l.pi.stats_cold.ns);
+    out->cpu_threads = std::max(ld(l.pi.stats.n_threads), ld(l.pi.stats_cold.n_threads));
+    return 0;
+}
+
+void llama_pi_reset_stats(const struct llama_model * model) {
+    for (const llama_layer & layer : model->layers) {
+        layer.pi.stats = {};
+        layer.pi.stats_cold = {};
+    }
+}
+
+int32_t llama_pi_get_layer_placement(const struct llama_model * model, int32_t il, struct llama_pi_layer_placement * out) {
+    if (!model->hparams.pi.sparse || il < 0 || il >= (int32_t) model->layers.size() || out == nullptr) {
+        return -1;
+    }
+    const llama_layer & l = model->layers[il];
+    auto on_gpu = [](const ggml_tensor * t) {
+        return t && t->buffer && !ggml_backend_buffer_is_host(t->buffer);
+    };
+    auto rows = [](const ggml_tensor * t) { return t ? t->ne[1] : 0; };
+    out->n_rows    = (int32_t) model->hparams.n_ff(il);
+    out->gpu_rows  = (int32_t) ((on_gpu(l.ffn_gate) ? rows(l.ffn_gate) : 0) + (on_gpu(l.pi.ffn_gate_cold) ? rows(l.pi.ffn_gate_cold) : 0));
+    out->attn_gpu  = on_gpu(l.wo) ? 1 : 0;
+    out->split     = l.pi.ffn_gate_cold != nullptr ? 1 : 0;
+    out->dev_rows  = (int32_t) model->hparams.pi.dev_rows[il];
+    return 0;
+}

@@ -1,0 +1,119 @@
+// powerinfer_gguf: test cases of GGML_OP_PI_SPARSE_FFN (ggml/include/ggml-powerinfer.h), included by
+// test-backend-ops.cpp after test_case.
+//   test: every backend that claims the op against the CPU kernel (F32/F16/BF16 rows, decode and
+//         multi-token ubatches, ReLU and dReLU, sparse and all-active, row counts off the kernels'
+//         block sizes, rows of a size the CUDA kernel cannot read 16 bytes at a time)
+//   perf: GB/s of the rows a decode reads, for 13B- and 7B-shape rows stacked 4 layers deep (so
+//         the rows read exceed a GPU's L2), with a fresh active set between timed runs
+#pragma once
+
+#include "ggml-powerinfer.h"
+
+struct test_pi_sparse_ffn : public test_case {
+    const ggml_type type;  // gate, up and down_t rows
+    const int64_t n_embd;
+    const int64_t n_rows;
+    const int64_t n_tok;
+    const float   active;  // share of (row, token) scores above the threshold
+    const bool    drelu;
+    const bool    all_active;
+    std::mt19937  rng{1234};
+
+    std::string vars() override {
+        return VARS_TO_STR7(type, n_embd, n_rows, n_tok, active, drelu, all_active);
+    }
+
+    test_pi_sparse_ffn(ggml_type type = GGML_TYPE_F16, int64_t n_embd = 256, int64_t n_rows = 512, int64_t n_tok = 1,
+                       float active = 0.1f, bool drelu = false, bool all_active = false)
+        : type(type), n_embd(n_embd), n_rows(n_rows), n_tok(n_tok), active(active), drelu(drelu), all_active(all_active) {}
+
+    ggml_tensor * build_graph(ggml_context * ctx) override {
+        ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
+        ggml_tensor * gate   = ggml_new_tensor_2d(ctx, type, n_embd, n_rows);
+        ggml_tensor * up     = ggml_new_tensor_2d(ctx, type, n_embd, n_rows);
+        ggml_tensor * down_t = ggml_new_tensor_2d(ctx, type, n_embd, n_rows);
+        ggml_tensor * score  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rows, n_tok);
+        ggml_tensor * thr    = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_rows);
+        ggml_set_name(x, "x");
+        ggml_set_name(gate, "gate");
+        ggml_set_name(up, "up");
+        ggml_set_name(down_t, "down_t");
+        ggml_set_name(score, "score");
+        ggml_set_name(thr, "thr");
+        ggml_tensor * out = ggml_pi_sparse_ffn(ctx, x, gate, up, down_t, score, thr,
+                                               drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU,
+                                               all_active ? GGML_PI_SPARSE_ALL_ACTIVE : 0, nullptr);
+        ggml_set_name(out, "out");
+        return out;
+    }
+
+    // scores 1 with probability `active`, else 0, against thresholds of 0.5
+    void draw_active(ggml_tensor * score) {
+        std::bernoulli_distribution on(active);
+        std::vector<float> s(ggml_nelements(score));
+        for (float & v : s) {
+            v = on(rng) ? 1.0f : 0.0f;
+        }
+        ggml_backend_tensor_set(score, s.data(), 0, ggml_nbytes(score));
+    }
+
+    void initialize_tensors(ggml_context * ctx) override {
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t != nullptr; t = ggml_get_next_tensor(ctx, t)) {
+            if (strcmp(t->name, "score") == 0) {
+                draw_active(t);
+            } else if (strcmp(t->name, "thr") == 0) {
+                std::vector<float> h(ggml_nelements(t), 0.5f);
+                ggml_backend_tensor_set(t, h.data(), 0, ggml_nbytes(t));
+            } else {
+                init_tensor_uniform(t); // symmetric: about half of the computed gates fire
+            }
+        }
+    }
+
+    void reinit_perf_iter(ggml_context * ctx) override {
+        draw_active(ggml_get_tensor(ctx, "score"));
+    }
+
+    double max_nmse_err() override {
+        // the CPU kernel rounds x to the rows' dot-product type (F16, BF16), the CUDA one does not
+        return type == GGML_TYPE_F32 ? 1e-6 : 5e-4;
+    }
+
+    // bytes a decode (the perf cases: one token, ReLU) reads: a gate row per computed row, up and
+    // down rows where the gate fires (about half: symmetric random data), plus x, scores,
+    // thresholds and the output
+    size_t op_size(ggml_tensor * t) override {
+        const double rows  = (all_active ? 1.0 : active) * (double) n_rows;
+        const double row_b = (double) ggml_row_size(type, n_embd);
+        const size_t small = ggml_nbytes(t->src[3]) + ggml_nbytes(t->src[4]) + ggml_nbytes(t->src[5]) + ggml_nbytes(t);
+        return (size_t) (rows * row_b * (1.0 + 2.0 * 0.5)) + small;
+    }
+};
+
+static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_cases) {
+    for (ggml_type type : {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16}) {
+        for (int64_t n_embd : {256, 260}) {        // 260 x 2 bytes: rows not a multiple of 16 bytes
+            for (int64_t n_rows : {512, 100}) {    // 100: blocks of 8 / 64 rows not filled
+                for (int64_t n_tok : {1, 3, 9}) {  // 9: the CUDA down kernel's 8 tokens per launch, twice
+                    test_cases.emplace_back(new test_pi_sparse_ffn(type, n_embd, n_rows, n_tok, 0.1f));
+                }
+            }
+        }
+        test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 1, 0.5f));
+        test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 1, 0.3f, true));
+        test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 4, 0.3f, true));
+        test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 1, 1.0f, false, true));
+        test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 5, 1.0f, false, true));
+    }
+}
+
+static void pi_test_cases_perf(std::vector<std::unique_ptr<test_case>> & test_cases) {
+    // 4 layers of rows: at 10% the rows read (~110 MB at 13B) are twice an H200's L2
+    for (int64_t n_embd : {5120, 4096}) {
+        const int64_t n_ff = n_embd == 5120 ? 13824 : 11008;
+        for (float active : {0.1f, 0.2f}) {
+            test_cases.emplace_back(new test_pi_sparse_ffn(GGML_TYPE_F16, n_embd, 4 * n_ff, 1, active));
+        }
+        test_cases.emplace_back(new test_pi_sparse_ffn(GGML_TYPE_F16, n_embd, 4 * n_ff, 1, 1.0f, false, true));
+    }
+}

@@ -1,0 +1,252 @@
+// powerinfer_gguf: GGML_OP_PI_SPARSE_FFN on every backend that claims it, against a reference built
+// from ggml primitives on the CPU (mul_mat, relu, mul, step): the kernels are never compared with
+// themselves. Row types F32/F16/BF16 (and Q8_0/Q4_0, which the CPU reads through to_float), decode
+// and ubatches, ReLU and dReLU, sparse and all-active, row counts and widths off the kernels' block
+// sizes, 1-4 CPU threads. Also checks the op's counters: rows predicted exactly, rows fired within
+// the few that a gate within rounding of zero may flip.
+//
+//   test-pi-sparse-ffn [-v]     exit status 0 when every case passes
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml-powerinfer.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct pi_case {
+    ggml_type type;
+    int64_t   n_embd, n_rows, n_tok;
+    float     active; // share of (row, token) scores above the threshold; < 0: all active
+    bool      drelu;
+};
+
+struct pi_inputs {
+    std::vector<float> x, gate, up, down, score, thr; // F32 values; rows converted to the case's type on upload
+};
+
+pi_inputs pi_draw(const pi_case & c, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> w(-1.0f, 1.0f);
+    std::bernoulli_distribution on(c.active < 0 ? 1.0 : c.active);
+    pi_inputs in;
+    auto fill = [&](std::vector<float> & v, size_t n, float scale) {
+        v.resize(n);
+        for (float & e : v) {
+            e = scale * w(rng);
+        }
+    };
+    fill(in.x, c.n_embd * c.n_tok, 1.0f);
+    fill(in.gate, c.n_embd * c.n_rows, 0.1f);
+    fill(in.up, c.n_embd * c.n_rows, 0.1f);
+    fill(in.down, c.n_embd * c.n_rows, 0.1f);
+    in.thr.assign(c.n_rows, 0.5f);
+    in.score.resize(c.n_rows * c.n_tok);
+    for (float & s : in.score) {
+        s = on(rng) ? 1.0f : 0.0f;
+    }
+    return in;
+}
+
+void pi_upload(ggml_tensor * t, const std::vector<float> & v) {
+    if (t->type == GGML_TYPE_F32) {
+        ggml_backend_tensor_set(t, v.data(), 0, ggml_nbytes(t));
+        return;
+    }
+    std::vector<uint8_t> buf(ggml_nbytes(t));
+    ggml_quantize_chunk(t->type, v.data(), buf.data(), 0, t->ne[1], t->ne[0], nullptr);
+    ggml_backend_tensor_set(t, buf.data(), 0, buf.size());
+}
+
+struct pi_graph {
+    ggml_context * ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor * out = nullptr;
+    ggml_tensor * h = nullptr; // the reference's activations
+    ~pi_graph() {
+        ggml_backend_buffer_free(buf);
+        ggml_free(ctx);
+    }
+};
+
+// The case's tensors in ctx; the op (reference = false) or its definition in primitives.
+ggml_tensor * pi_build(ggml_context * ctx, const pi_case & c, bool reference, ggml_pi_sparse_stats * stats, ggml_tensor ** h_out) {
+    ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.n_embd, c.n_tok);
+    ggml_tensor * gate   = ggml_new_tensor_2d(ctx, c.type, c.n_embd, c.n_rows);
+    ggml_tensor * up     = ggml_new_tensor_2d(ctx, c.type, c.n_embd, c.n_rows);
+    ggml_tensor * down_t = ggml_new_tensor_2d(ctx, c.type, c.n_embd, c.n_rows);
+    ggml_tensor * score  = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.n_rows, c.n_tok);
+    ggml_tensor * thr    = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, c.n_rows);
+    ggml_tensor * inputs[]     = { x, gate, up, down_t, score, thr };
+    const char *  input_names[] = { "x", "gate", "up", "down_t", "score", "thr" };
+    for (int i = 0; i < 6; ++i) {
+        ggml_set_name(inputs[i], input_names[i]);
+        ggml_set_input(inputs[i]);
+    }
+    const bool all = c.active < 0;
+    if (!reference) {
+        return ggml_pi_sparse_ffn(ctx, x, gate, up, down_t, all ? nullptr : score, all ? nullptr : thr,
+                                  c.drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU, all ? GGML_PI_SPARSE_ALL_ACTIVE : 0, stats);
+    }
+    // h = relu(gate x) * up x (dReLU: both rectified), where score > threshold; out = down_t^T h
+    ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
+    ggml_tensor * u = ggml_mul_mat(ctx, up, x);
+    ggml_tensor * h = ggml_mul(ctx, ggml_relu(ctx, g), c.drelu ? ggml_relu(ctx, u) : u);
+    if (!all) {
+        h = ggml_mul(ctx, h, ggml_step(ctx, ggml_sub(ctx, score, thr)));
+    }
+    ggml_set_output(h);
+    *h_out = h;
+    ggml_tensor * down = ggml_cont(ctx, ggml_transpose(ctx, ggml_cast(ctx, down_t, GGML_TYPE_F32)));
+    return ggml_mul_mat(ctx, down, h);
+}
+
+bool pi_run(ggml_backend_t backend, const pi_case & c, const pi_inputs & in, bool reference, ggml_pi_sparse_stats * stats,
+            std::vector<float> & out, std::vector<float> * h) {
+    pi_graph g;
+    ggml_init_params ip = { ggml_tensor_overhead() * 64 + ggml_graph_overhead(), nullptr, true };
+    g.ctx = ggml_init(ip);
+    g.out = pi_build(g.ctx, c, reference, stats, &g.h);
+    ggml_set_output(g.out);
+    if (!reference && !ggml_backend_supports_op(backend, g.out)) {
+        return false;
+    }
+    g.gf = ggml_new_graph(g.ctx);
+    ggml_build_forward_expand(g.gf, g.out);
+    g.buf = ggml_backend_alloc_ctx_tensors(g.ctx, backend);
+    pi_upload(ggml_get_tensor(g.ctx, "x"), in.x);
+    pi_upload(ggml_get_tensor(g.ctx, "gate"), in.gate);
+    pi_upload(ggml_get_tensor(g.ctx, "up"), in.up);
+    pi_upload(ggml_get_tensor(g.ctx, "down_t"), in.down);
+    pi_upload(ggml_get_tensor(g.ctx, "score"), in.score);
+    pi_upload(ggml_get_tensor(g.ctx, "thr"), in.thr);
+    if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) {
+        fprintf(stderr, "graph compute failed\n");
+        return false;
+    }
+    out.resize(ggml_nelements(g.out));
+    ggml_backend_tensor_get(g.out, out.data(), 0, ggml_nbytes(g.out));
+    if (h) {
+        h->resize(ggml_nelements(g.h));
+        ggml_backend_tensor_get(g.h, h->data(), 0, ggml_nbytes(g.h));
+    }
+    return true;
+}
+
+double pi_nmse(const std::vector<float> & a, const std::vector<float> & ref) {
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        err  += (double) (a[i] - ref[i]) * (a[i] - ref[i]);
+        norm += (double) ref[i] * ref[i];
+    }
+    return norm > 0 ? err / norm : err;
+}
+
+// The CPU kernel rounds x to the rows' dot-product type as ggml's mul_mat does: only the order of
+// additions differs (~1e-13 measured). Other backends' kernels keep x in F32: 16-bit and quantized
+// rows then differ by x's rounding.
+double pi_max_nmse(ggml_type t, bool cpu) {
+    return cpu || t == GGML_TYPE_F32 ? 1e-9 : 5e-4;
+}
+
+std::string pi_name(const pi_case & c) {
+    char buf[160];
+    snprintf(buf, sizeof(buf), "type=%s n_embd=%lld n_rows=%lld n_tok=%lld active=%s act=%s", ggml_type_name(c.type),
+             (long long) c.n_embd, (long long) c.n_rows, (long long) c.n_tok,
+             c.active < 0 ? "all" : std::to_string(c.active).substr(0, 4).c_str(), c.drelu ? "drelu" : "relu");
+    return buf;
+}
+
+std::vector<pi_case> pi_cases() {
+    std::vector<pi_case> cases;
+    for (ggml_type t : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0 }) {
+        for (int64_t n_embd : { 256, 268 }) { // 268 = 16 x 16 + 8 + 4: AVX-512 loop, AVX2 remainder, scalar tail
+            if (n_embd % ggml_blck_size(t) != 0) {
+                continue;
+            }
+            for (int64_t n_tok : { 1, 3, 9, 40 }) {
+                for (float active : { 0.1f, 0.5f, -1.0f }) {
+                    for (bool drelu : { false, true }) {
+                        cases.push_back({ t, n_embd, n_tok == 40 ? 100 : 520, n_tok, active, drelu });
+                    }
+                }
+            }
+        }
+    }
+    return cases;
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    const bool verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
+    ggml_backend_load_all();
+    ggml_backend_t cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    if (cpu == nullptr) {
+        fprintf(stderr, "no CPU backend\n");
+        return 1;
+    }
+    int n_fail = 0, n_run = 0;
+    uint32_t seed = 1;
+    for (const pi_case & c : pi_cases()) {
+        const pi_inputs in = pi_draw(c, seed++);
+        std::vector<float> ref, h;
+        ggml_backend_cpu_set_n_threads(cpu, 1);
+        pi_run(cpu, c, in, true, nullptr, ref, &h);
+        int64_t n_pred = 0, n_fired = 0;
+        for (size_t i = 0; i < in.score.size(); ++i) {
+            n_pred += c.active < 0 || in.score[i] > in.thr[i % c.n_rows];
+            n_fired += h[i] != 0.0f;
+        }
+        for (size_t d = 0; d < ggml_backend_dev_count(); ++d) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(d);
+            const bool is_cpu = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+            ggml_backend_t be = is_cpu ? cpu : ggml_backend_dev_init(dev, nullptr);
+            if (be == nullptr) {
+                continue;
+            }
+            for (int nt : is_cpu ? std::vector<int>{ 1, 2, 3, 4 } : std::vector<int>{ 0 }) {
+                if (is_cpu) {
+                    ggml_backend_cpu_set_n_threads(cpu, nt);
+                }
+                ggml_pi_sparse_stats stats = {};
+                std::vector<float> out;
+                if (!pi_run(be, c, in, false, is_cpu ? &stats : nullptr, out, nullptr)) {
+                    continue; // the backend does not claim this case
+                }
+                ++n_run;
+                const double err = pi_nmse(out, ref);
+                bool ok = err <= pi_max_nmse(c.type, is_cpu);
+                std::string why;
+                if (is_cpu && stats.n_predicted != n_pred) {
+                    ok = false;
+                    why += " predicted " + std::to_string(stats.n_predicted) + " != " + std::to_string(n_pred);
+                }
+                // a gate within rounding of zero may fire in one and not the other
+                if (is_cpu && std::llabs(stats.n_fired - n_fired) > 2 + n_fired / 100) {
+                    ok = false;
+                    why += " fired " + std::to_string(stats.n_fired) + " vs " + std::to_string(n_fired);
+                }
+                if (!ok || verbose) {
+                    printf("%s %s threads=%d %s: nmse %.3g (max %.1g)%s\n", ok ? "ok  " : "FAIL", ggml_backend_name(be), nt,
+                           pi_name(c).c_str(), err, pi_max_nmse(c.type, is_cpu), why.c_str());
+                }
+                n_fail += !ok;
+            }
+            if (!is_cpu) {
+                ggml_backend_free(be);
+            }
+        }
+    }
+    ggml_backend_free(cpu);
+    printf("%d of %d runs passed\n", n_run - n_fail, n_run);
+    return n_fail == 0 && n_run > 0 ? 0 : 1;
+}
