@@ -18,7 +18,8 @@
 #                              all-GPU against all layers split; thread-pool poll / cpu-strict A/B;
 #                              pi-bench --profile at 0 and BUDGET (CPU kernel ms, GB/s, threads)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
-#   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check
+#   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check, the
+#                              op's tests on CUDA (test-pi-sparse-ffn, test-backend-ops)
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,6 +127,12 @@ recheck)
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 55% 85% 0 40% 100% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
+    # the op on CUDA against its definition in primitives (and the CPU's on 1-4 threads), then
+    # test-backend-ops' cases (CUDA against the CPU)
+    $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -4 | tee "$OUT/pi-sparse-ffn.txt"
+    $(pi_patched_bin)/test-backend-ops -o PI_SPARSE_FFN -b CUDA0 2>&1 | grep -E "FAIL|passed|OK$" | tail -3 \
+        | tee "$OUT/backend-ops.txt"
+    el "op tests done"
     ;;
 check)
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
