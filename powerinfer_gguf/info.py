@@ -5,7 +5,7 @@ import os
 from collections import Counter
 
 from . import format as fmt
-from .bench import GiB, ModelSizes
+from .model_file import GiB, ModelSizes
 
 
 def model_info(path: str | os.PathLike) -> dict:

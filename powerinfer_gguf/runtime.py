@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 
 class NotPatchedError(RuntimeError):
@@ -170,8 +169,8 @@ class _LoadErrors:
 def _make_llama_class():
     import llama_cpp
 
-    from .bench import parse_size
     from .format import Keys
+    from .model_file import ModelSizes, check_gguf, parse_size
 
     class Llama(llama_cpp.Llama):
         """llama_cpp.Llama over our patched llama.cpp, with PowerInfer-style sparse decoding.
@@ -181,9 +180,9 @@ def _make_llama_class():
         binding is upstream's. A file without our metadata runs exactly as stock.
 
         vram_budget: bytes or a size string ("8GiB", "40%" of the weights, "auto": free VRAM less
-            a margin); 0 runs on the CPU only. Above 0, llama.cpp's planner (patches/0007) puts
-            attention, KV cache and predictors of as many layers as fit on the GPU, then the
-            hottest FFN rows; the rest stays in CPU memory. It logs its decision;
+            the reserve of model_file.auto_budget, the planner's own rule); 0 runs on the CPU only.
+            Above 0, llama.cpp's planner (patches/0007) puts attention, KV cache and predictors
+            of as many layers as fit on the GPU, then the hottest FFN rows; the rest stays in CPU memory. It logs its decision;
             ``placement()`` returns it. The KV reserve is sized for n_ctx.
         sparse: False computes the FFN densely over the same weights (the reference).
         all_active: compute every neuron on the sparse path (checks sparse == dense).
@@ -205,9 +204,7 @@ def _make_llama_class():
             else:
                 ref = None
                 if str(vram_budget).strip().endswith("%"):
-                    from .bench import ModelSizes
-                    if not Path(model_path).is_file():
-                        raise ValueError(f"{model_path}: no such model file")
+                    check_gguf(model_path)
                     ref = ModelSizes.from_gguf(model_path).weight_bytes
                 budget = parse_size(vram_budget, ref)
                 if budget < 0:
