@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# token ids of the llama SPM vocabulary every synthetic model carries ("Hello world, this is a test.")
+# "Hello world, this is a test. The quick brown fox jumps" in the llama SPM vocabulary every
+# synthetic model carries (BOS first)
 TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354, 1701, 29916, 432, 17204]
 
 
