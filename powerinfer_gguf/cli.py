@@ -76,8 +76,8 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--stock", "stock_model", type=click.Path(dir_okay=False), default=None,
+@click.argument("model")
+@click.option("--stock", "stock_model", default=None,
               help="the stock twin of MODEL (pi-convert --stock) for the stock column")
 @click.option("--vram-budget", default="0", show_default=True,
               help="GPU memory to use: 0, 8GiB, 10GB, 40% (of the weights) or auto")
@@ -186,7 +186,7 @@ def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, pr
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors
 def info_cmd(model, as_json):

@@ -142,6 +142,7 @@ def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
     ("auto-without-gpu", "no GPU device"),
     ("twin-not-gguf", "not a GGUF file"),
     ("profile-not-gguf", "not a GGUF file"),
+    ("model-is-a-folder", "not a file"),
 ])
 def test_pi_bench_refuses_bad_arguments_before_running(tiny_pi, tmp_path, case, msg):
     """Every argument and output path is checked before the first llama-bench run: one line, no
@@ -165,6 +166,7 @@ def test_pi_bench_refuses_bad_arguments_before_running(tiny_pi, tmp_path, case, 
         "auto-without-gpu": [ours, "--stock", twin, *run, "--vram-budget", "auto"],
         "twin-not-gguf": [ours, "--stock", text, *run],
         "profile-not-gguf": [text, "--profile", "-n", "2"],
+        "model-is-a-folder": [tmp_path, *run],
     }[case]
     assert_one_line_error(_cli(*args), msg)
     assert {p: p.stat().st_mtime_ns for p in (ours, twin)} == before
