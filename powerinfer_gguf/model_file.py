@@ -36,8 +36,6 @@ NO_GPU = "no GPU device (a CPU-only build, or no GPU found); use a budget of 0"
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
           "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
-# upstream llama.cpp's FFN weights of blk.N (src/llama-arch.cpp); ours add FFN_DOWN_T
-_FFN_UPSTREAM = ("blk.{}.ffn_gate.weight", "blk.{}.ffn_up.weight", "blk.{}.ffn_down.weight")
 _PREDICTOR = (Tensors.PRED_FC1, Tensors.PRED_FC2, Tensors.PRED_THRESHOLD)
 
 
@@ -182,10 +180,15 @@ class _LayerTensors:
 
 
 def _tensor_roles(n_layer: int) -> dict[str, str]:
-    """Tensor name -> "ffn", "pred" or "freq" for every layer (attention and norms: no role)."""
+    """Tensor name -> "ffn", "pred" or "freq" for every layer (attention and norms: no role).
+    The FFN: llama.cpp's gate/up/down weights (gguf-py's names) and our down_t."""
+    import gguf
+
+    upstream = [gguf.TENSOR_NAMES[t].replace("{bid}", "{}") + ".weight"
+                for t in (gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN)]
     roles = {}
     for i in range(n_layer):
-        roles.update({name.format(i): "ffn" for name in (*_FFN_UPSTREAM, Tensors.FFN_DOWN_T)})
+        roles.update({name.format(i): "ffn" for name in (*upstream, Tensors.FFN_DOWN_T)})
         roles.update({name.format(i): "pred" for name in _PREDICTOR})
         roles[Tensors.NEURON_FREQ.format(i)] = "freq"
     return roles

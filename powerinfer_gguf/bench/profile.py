@@ -44,36 +44,45 @@ def sparse_quality(path: str, prompt: str = "The history of the language", n_tok
                      verbose=False, **kw)
 
     dense, sparse = open_(False), open_(True)
-    prompt_toks = dense.tokenize(prompt.encode())
-    # free-running
-    texts = []
+    try:
+        prompt_toks = dense.tokenize(prompt.encode())
+        texts = [_greedy(llm, prompt_toks, n_tokens) for llm in (dense, sparse)]
+        same = np.array(texts[0]) == np.array(texts[1])
+        first = int(np.argmin(same)) if not same.all() else n_tokens
+        sparse.reset_sparse_stats()
+        agree, rel_err = _forced(dense, sparse, prompt_toks, texts[0])
+        share = float(np.mean([s.computed_share for s in sparse.sparse_stats()]))
+    finally:
+        dense.close()
+        sparse.close()
+    return SparseQuality(n_tokens, float(same.mean()), first, agree / n_tokens, rel_err, share)
+
+
+def _greedy(llm, prompt_toks: list[int], n_tokens: int) -> list[int]:
+    """The greedy continuation of the prompt, free-running."""
+    llm.reset()
+    llm.eval(prompt_toks)
+    out = []
+    for _ in range(n_tokens):
+        out.append(int(_last_logits(llm).argmax()))
+        llm.eval([out[-1]])
+    return out
+
+
+def _forced(dense, sparse, prompt_toks: list[int], text: list[int]) -> tuple[int, float]:
+    """Both fed the same text: (positions where their greedy picks agree, max |dlogit| / max
+    |logit| of dense)."""
     for llm in (dense, sparse):
         llm.reset()
         llm.eval(prompt_toks)
-        out = []
-        for _ in range(n_tokens):
-            out.append(int(_last_logits(llm).argmax()))
-            llm.eval([out[-1]])
-        texts.append(out)
-    same = np.array(texts[0]) == np.array(texts[1])
-    first = int(np.argmin(same)) if not same.all() else n_tokens
-    # teacher-forced along the dense text
-    sparse.reset()
-    sparse.reset_sparse_stats()
-    sparse.eval(prompt_toks)
-    dense.reset()
-    dense.eval(prompt_toks)
     agree, err, top = 0, 0.0, 0.0
-    for t in texts[0]:
+    for t in text:
         ld, ls = _last_logits(dense), _last_logits(sparse)
         agree += int(ld.argmax() == ls.argmax())
         err, top = max(err, float(np.abs(ld - ls).max())), max(top, float(np.abs(ld).max()))
         dense.eval([t])
         sparse.eval([t])
-    share = float(np.mean([s.computed_share for s in sparse.sparse_stats()]))
-    dense.close()
-    sparse.close()
-    return SparseQuality(n_tokens, float(same.mean()), first, agree / n_tokens, err / max(top, 1e-30), share)
+    return agree, err / max(top, 1e-30)
 
 
 @dataclass
