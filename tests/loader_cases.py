@@ -3,9 +3,11 @@ and the AddressSanitizer run (tools/asan-loader.sh).
 
 Every key and tensor we add is corrupted in turn (wrong type, wrong value, wrong length, NaN, absent,
 out-of-range rank), plus truncations and seeded random byte flips of the header. Each case says
-whether the load must fail ("error", with a fragment the message must contain) or may either run or
-fail ("any"). `python tests/loader_cases.py DIR SRC` runs them all in this process, one line per
-case; a crash kills the process, and the last "START" line names the case. Each case's file is
+whether the load must fail ("error", with a fragment the message must contain), must run ("run":
+what it changes llama.cpp does not read, or an override replaces), or may either run or fail
+("any": bad data the loader does not scan, random flips). `python tests/loader_cases.py DIR SRC`
+runs them all in this process, one line per case; a crash kills the process, and the last "START"
+line names the case. Each case's file is
 written just before it runs and deleted after: 81 copies of even a tiny model are ~2.5 GB.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from powerinfer_gguf.format import field_item
 @dataclass
 class Case:
     name: str
-    expect: str        # "error" or "any" (error or run; never a crash)
+    expect: str        # "error", "run" or "any" (error or run; never a crash)
     fragment: str = ""  # part of the error message, for "error"
 
 
@@ -98,9 +100,10 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
     key_case("layout-absent", "error", "missing key powerinfer.ffn_down_layout", "powerinfer.ffn_down_layout", "drop")
     key_case("pred-act-gelu", "error", "unknown powerinfer.predictor.act", "powerinfer.predictor.act", ("gelu", V.STRING, None))
     key_case("pred-act-u32", "error", "powerinfer.predictor.act is not a string", "powerinfer.predictor.act", (0, V.UINT32, None))
-    key_case("recall-short", "any", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
-    key_case("recall-nan", "any", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
-    key_case("calib-absent", "any", "", "powerinfer.calib.tokens", "drop")
+    # keys only Python reads (pi-bench, pi-info): llama.cpp must load the file whatever they hold
+    key_case("recall-short", "run", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
+    key_case("recall-nan", "run", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
+    key_case("calib-absent", "run", "", "powerinfer.calib.tokens", "drop")
     key_case("act-silu", "error", "needs a relu or drelu FFN", "llama.hidden_activation", ("silu", V.STRING, None))
     key_case("act-bogus", "error", "unsupported FFN activation", "llama.hidden_activation", ("swish9", V.STRING, None))
     # run-time keys a file may carry, with bad values (the Python API overrides sparse/all_active,
@@ -111,7 +114,7 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
             ("rt-all-str", "powerinfer.runtime.all_active", "yes", V.STRING, "")):
         p = out / f"{name}.gguf"
         keys = [(key, value, vtype)]
-        cases.append((Case(name, "error" if fragment else "any", fragment), p,
+        cases.append((Case(name, "error" if fragment else "run", fragment), p,
                       lambda p=p, keys=keys: _rewrite(src, p, add_keys=keys)))
 
     # tensors, first and last layer

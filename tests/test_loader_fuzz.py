@@ -27,6 +27,8 @@ def test_every_corruption_errors_or_runs(tiny_pi, tmp_path):
         fragment = eval(fragment)  # repr() of a plain string written by the driver
         if expect == "error" and not (outcome.startswith("ERR ") and fragment in outcome):
             bad.append(ln)
+        if expect == "run" and outcome != "RAN":
+            bad.append(ln)
         if outcome.startswith("ERR ") and "\n" in outcome:
             bad.append(ln)
     assert not bad, "\n".join(bad)
