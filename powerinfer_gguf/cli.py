@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -75,8 +76,8 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--stock", "stock_model", type=click.Path(dir_okay=False), default=None,
+@click.argument("model")
+@click.option("--stock", "stock_model", default=None,
               help="the stock twin of MODEL (pi-convert --stock) for the stock column")
 @click.option("--vram-budget", default="0", show_default=True,
               help="GPU memory to use: 0, 8GiB, 10GB, 40% (of the weights) or auto")
@@ -84,8 +85,8 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("-p", "n_prompt", type=int, default=64, show_default=True, help="prompt tokens")
 @click.option("-n", "n_gen", type=int, default=128, show_default=True, help="generated tokens")
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the result as JSON")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="write a bar chart (PNG)")
+@click.option("--json", "json_path", default=None, help="write the result as JSON")
+@click.option("--plot", "plot_path", default=None, help="write a bar chart (PNG)")
 @click.option("--sweep", default=None,
               help="comma-separated budgets (e.g. 0,10%,20%,40%,70%,100%): one run each, a table and "
                    "(--plot) decode speed against the budget")
@@ -107,28 +108,18 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
         # first and then libggml's load segfaults, with no Python frame to show (seen 2026-12-01)
         from . import Llama
         Llama  # noqa: B018  (resolved lazily: force the load now)
-        from . import bench
+    from . import bench
+
+    _check_bench_outputs(json_path, plot_path, [model, stock_model])
+    if profile:
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
         if json_path:
             bench.write_json(prof, json_path)
         return
-
-    from . import bench
-
     if sweep:
-        results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],
-                                  threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
-                                  progress=lambda m: click.echo(m, err=True))
-        for r in results:
-            click.echo(bench.render_table(r) + "\n")
-        click.echo(bench.render_sweep_table(results))
-        if json_path:
-            bench.write_sweep_json(results, json_path)
-        if plot_path:
-            bench.render_sweep_plot(results, plot_path)
+        _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, json_path, plot_path)
         return
-
     res = bench.run_bench(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions,
                           progress=lambda m: click.echo(m, err=True))
     click.echo(bench.render_table(res))
@@ -136,6 +127,33 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
         bench.write_json(res, json_path)
     if plot_path:
         bench.render_plot(res, plot_path)
+
+
+def _check_bench_outputs(json_path, plot_path, inputs) -> None:
+    """Before any run: each output can be written, and the two are not one file (a whole run's
+    result would otherwise be lost at its end)."""
+    from .bench import check_output
+
+    for path in (json_path, plot_path):
+        if path:
+            check_output(path, inputs)
+    if json_path and plot_path and os.path.abspath(json_path) == os.path.abspath(plot_path):
+        raise ValueError(f"--json and --plot both name {json_path}")
+
+
+def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, json_path, plot_path) -> None:
+    from . import bench
+
+    results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],
+                              threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                              progress=lambda m: click.echo(m, err=True))
+    for r in results:
+        click.echo(bench.render_table(r) + "\n")
+    click.echo(bench.render_sweep_table(results))
+    if json_path:
+        bench.write_sweep_json(results, json_path)
+    if plot_path:
+        bench.render_sweep_plot(results, plot_path)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,7 +186,7 @@ def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, pr
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors
 def info_cmd(model, as_json):

@@ -25,12 +25,12 @@ class Keys:
 
     class Runtime:
         """Run-time switches, given as kv overrides at load; a file may carry them too (pi-convert
-        writes SPARSE_MAX_TOKENS into files with weak predictors). Read by patches/0005."""
+        writes SPARSE_MAX_TOKENS into files with weak predictors). Read by csrc/src/llama-powerinfer-load.cpp."""
 
         SPARSE = f"{NAMESPACE}.runtime.sparse"                    # bool, default true: sparse decode FFN
         ALL_ACTIVE = f"{NAMESPACE}.runtime.all_active"            # bool, default false: every neuron computed
         SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default all: ubatch size limit
-        # placement (patches/0007): never in files, only kv overrides
+        # placement (csrc/src/llama-powerinfer-placement.cpp): never in files, only kv overrides
         VRAM_BUDGET = f"{NAMESPACE}.runtime.vram_budget"          # int bytes; -1 = auto; absent = -ngl as given
         VRAM_CTX = f"{NAMESPACE}.runtime.vram_ctx"                # int, tokens the KV reserve is sized for
         DEV_ROWS = f"{NAMESPACE}.runtime.dev_rows"                # int, tests: split every layer's FFN here

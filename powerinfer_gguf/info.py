@@ -5,14 +5,15 @@ import os
 from collections import Counter
 
 from . import format as fmt
-from .bench import GiB, ModelSizes
+from .model_file import GiB, ModelSizes, check_gguf
 
 
 def model_info(path: str | os.PathLike) -> dict:
     """A dict of the file's facts (what `pi-info --json` prints)."""
     import gguf
 
-    sizes = ModelSizes.from_gguf(path)  # validates the file and reads the shape
+    check_gguf(path)
+    sizes = ModelSizes.from_gguf(path)  # reads the shape
     r = gguf.GGUFReader(path)
     arch = r.fields["general.architecture"].contents()
     act_field = r.fields.get(fmt.HIDDEN_ACT_KEY.format(arch=arch))

@@ -200,7 +200,7 @@ def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, pro
     import llama_cpp
 
     from . import format as fmt
-    from .bench import ModelSizes
+    from .model_file import ModelSizes
     from .forward import Hparams
     from .profile import calibration_sequences, profile
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 
 class NotPatchedError(RuntimeError):
@@ -223,7 +222,7 @@ def plan_file(path: str, budget: int, n_ctx: int, overrides: dict | None = None)
     params.no_alloc = True
     params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # the mmap path cannot simulate its buffers
     params.kv_overrides = kv
-    with _LoadErrors() as errors:
+    with _LoadErrors(quiet=True) as errors:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ValueError(f"{path}: {errors.message or 'cannot plan this file'}")
@@ -250,8 +249,9 @@ class _LoadErrors:
     """While loading, catch llama.cpp's error log lines (still passed on to llama-cpp-python's
     logger), so that a failed load can say why instead of llama-cpp-python's generic message."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.message = ""
+        self.quiet = quiet  # keep llama.cpp's log to ourselves (a plan, not a load the user asked for)
 
     def __enter__(self):
         import llama_cpp
@@ -267,7 +267,8 @@ class _LoadErrors:
                     self.message = line.split("error loading model:", 1)[1].strip()
                 elif not self.message and line:
                     self.message = line
-            self._upstream(level, text, user_data)
+            if not self.quiet:
+                self._upstream(level, text, user_data)
 
         self._capture = capture  # keep the ctypes callback alive
         llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
@@ -282,8 +283,8 @@ class _LoadErrors:
 def _make_llama_class():
     import llama_cpp
 
-    from .bench import parse_size
     from .format import Keys
+    from .model_file import ModelSizes, check_gguf, parse_size
 
     class Llama(llama_cpp.Llama):
         """llama_cpp.Llama over our patched llama.cpp, with PowerInfer-style sparse decoding.
@@ -293,13 +294,14 @@ def _make_llama_class():
         binding is upstream's. A file without our metadata runs exactly as stock.
 
         vram_budget: bytes or a size string ("8GiB", "40%" of the weights, "auto": free VRAM less
-            a margin); 0 runs on the CPU only. Above 0, llama.cpp's planner (patches/0007) puts
-            attention, KV cache and predictors of as many layers as fit on the GPU, then the
-            hottest FFN rows; the rest stays in CPU memory. It logs its decision;
-            ``placement()`` returns it. The KV reserve is sized for n_ctx.
+            the planner's margin, llama_pi_auto_vram_budget); 0 runs on the CPU only. Above 0,
+            llama.cpp's planner puts attention, KV cache and predictors of as many layers as fit
+            on the GPU, then the hottest FFN rows; the rest stays in CPU memory. It logs its
+            decision; ``placement()`` returns it. The KV reserve is sized for n_ctx.
         sparse: False computes the FFN densely over the same weights (the reference).
         all_active: compute every neuron on the sparse path (checks sparse == dense).
-        use_mmap defaults to False here (upstream: True): see patches/0006.
+        use_mmap defaults to False here (upstream: True): only our own buffers get 2 MB pages
+            (ggml_pi_advise_hugepages).
         sparse_max_tokens: ubatches up to this many tokens take the sparse path, larger ones
             the dense path (default: the file's powerinfer.runtime.sparse_max_tokens, else all;
             see docs/NOTES.md for where prompts are faster dense).
@@ -317,16 +319,14 @@ def _make_llama_class():
             else:
                 ref = None
                 if str(vram_budget).strip().endswith("%"):
-                    from .bench import ModelSizes
-                    if not Path(model_path).is_file():
-                        raise ValueError(f"{model_path}: no such model file")
+                    check_gguf(model_path)
                     ref = ModelSizes.from_gguf(model_path).weight_bytes
                 budget = parse_size(vram_budget, ref)
                 if budget < 0:
                     raise ValueError(f"vram_budget={vram_budget!r}: cannot be negative")
             kwargs["n_gpu_layers"] = -1 if budget != 0 else 0
             # Weights read into our own buffer, not memory-mapped: only there can they get 2 MB pages
-            # (patches/0006), which the sparse FFN's scattered row reads need (docs/NOTES.md).
+            # (ggml_pi_advise_hugepages), which the sparse FFN's scattered row reads need (docs/NOTES.md).
             kwargs.setdefault("use_mmap", False)
             # keys the caller set in kv_overrides win over the arguments
             overrides = dict(kv_overrides or {})

@@ -101,6 +101,7 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
     key_case("layout-absent", "error", "missing key powerinfer.ffn_down_layout", "powerinfer.ffn_down_layout", "drop")
     key_case("pred-act-gelu", "error", "unknown powerinfer.predictor.act", "powerinfer.predictor.act", ("gelu", V.STRING, None))
     key_case("pred-act-u32", "error", "powerinfer.predictor.act is not a string", "powerinfer.predictor.act", (0, V.UINT32, None))
+    # keys only Python reads (pi-bench, pi-info): llama.cpp must load the file whatever they hold
     key_case("recall-short", "run", "", "powerinfer.predictor.recall", ([0.5], V.ARRAY, V.FLOAT32))
     key_case("recall-nan", "run", "", "powerinfer.predictor.recall", ([float("nan")] * n_layer, V.ARRAY, V.FLOAT32))
     key_case("calib-absent", "run", "", "powerinfer.calib.tokens", "drop")

@@ -4,16 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import eval_logits, pi_llama
 from powerinfer_gguf.forward import forward, gguf_weights
 
 
 def _llama_logits(path, tokens, **kw):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False, **kw)
-    llm.eval(list(tokens))
-    return np.array(llm.scores[: len(tokens)])
-
+    """Upstream's binding over our library: the dense path as llama.cpp's own Llama drives it."""
+    return eval_logits(path, tokens, n_ctx=64, upstream=True, **kw)[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +47,8 @@ def test_silu_through_kv_override_matches_numpy(tiny_model):
 
 
 def test_unknown_activation_fails_the_load(tiny_model):
+    """Refused at load, naming the value and the key (our Llama passes llama.cpp's reason on;
+    upstream's says only that the load failed)."""
     res, _ = tiny_model
-    with pytest.raises(ValueError):
-        _llama_logits(res.path, [1, 2], kv_overrides={"llama.hidden_activation": "swishish"})
+    with pytest.raises(ValueError, match="unsupported FFN activation 'swishish' in llama.hidden_activation"):
+        pi_llama(res.path, n_ctx=64, kv_overrides={"llama.hidden_activation": "swishish"})

@@ -3,20 +3,17 @@ OpenAI-compatible server, with the sparse engine doing the decoding."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from conftest import llama_server, pi_llama
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_pi):
-    from powerinfer_gguf import Llama
     _, ours, _ = tiny_pi
-    return Llama(str(ours), n_ctx=256, n_threads=2, verbose=False, seed=1)
+    return pi_llama(ours, n_batch=512, seed=1)
 
 
 def test_is_a_llama_cpp_llama(llm):
@@ -49,17 +46,13 @@ def test_chat_completion(llm):
 
 
 def test_embeddings(tiny_pi):
-    from powerinfer_gguf import Llama
     _, ours, _ = tiny_pi
-    emb = Llama(str(ours), n_ctx=128, n_threads=2, verbose=False, embedding=True)
+    emb = pi_llama(ours, n_ctx=128, n_batch=512, embedding=True)
     v = emb.embed("a short sentence")
-    assert len(v) > 0 and all(isinstance(x, float) for x in (v[0] if isinstance(v[0], list) else v))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # the file states no pooling (llama.cpp's default for llama: none): one vector per token
+    n_embd = int(emb.metadata["llama.embedding_length"])
+    assert len(v) == len(emb.tokenize(b"a short sentence"))
+    assert all(len(row) == n_embd and all(isinstance(x, float) for x in row) for row in v)
 
 
 def test_openai_server_serves_our_file(tiny_pi, tmp_path):
@@ -67,23 +60,7 @@ def test_openai_server_serves_our_file(tiny_pi, tmp_path):
     import httpx
 
     _, ours, _ = tiny_pi
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(ours), "--n_ctx", "256",
-                             "--n_threads", "2", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
+    with llama_server(ours, tmp_path / "server.log", "--n_ctx", "256") as (base, _):
         r = httpx.post(base + "/v1/completions", json={"prompt": "The history of", "max_tokens": 8,
                                                       "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
@@ -95,7 +72,53 @@ def test_openai_server_serves_our_file(tiny_pi, tmp_path):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 2
         json.loads(events[0][len("data: "):])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+
+MAX_TOKENS = 12
+
+
+def _complete(client, model, prompt):
+    """One answer, not streamed: (text, finish_reason)."""
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    return r.choices[0].text, r.choices[0].finish_reason
+
+
+def _stream(client, model, prompt, close_after=None):
+    """One answer, streamed: (text, finish_reason) of the chunks; or, with close_after, the
+    stream closed by the client after that many chunks: ("closed", chunks read)."""
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    text, finish = "", None
+    for n, chunk in enumerate(stream, 1):
+        text += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+        if close_after is not None and n >= close_after:
+            stream.close()
+            return "closed", n
+    return text, finish
+
+
+def test_openai_server_eight_concurrent_clients(tiny_pi, tmp_path):
+    """8 clients at once through the official openai package: 4 not streamed, 4 streamed of which
+    2 close their stream after 2 chunks. Every answer not abandoned is complete (greedy, so each
+    streamed text equals the one-shot text of the same prompt, with a finish reason), and the
+    server still answers afterwards."""
+    import openai
+
+    _, ours, _ = tiny_pi
+    prompts = ["The history of", "Once upon a time", "In the beginning", "The quick brown fox"]
+    with llama_server(ours, tmp_path / "server.log", "--n_ctx", "512", "--interrupt_requests", "False") as (base, proc):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
+        model = client.models.list().data[0].id
+        jobs = ([(_complete, p, None) for p in prompts] + [(_stream, p, None) for p in prompts[:2]]
+                + [(_stream, p, 2) for p in prompts[2:]])
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(fn, client, model, p, *([close] if fn is _stream else [])) for fn, p, close in jobs]
+            answers = [f.result(timeout=120) for f in futures]
+        one_shot = dict(zip(prompts, answers[:4]))
+        for text, finish in answers[:4]:
+            assert isinstance(text, str) and finish in ("length", "stop"), (text, finish)
+        for (text, finish), p in zip(answers[4:6], prompts[:2]):
+            assert (text, finish) == one_shot[p]
+        assert answers[6:] == [("closed", 2), ("closed", 2)]
+        assert proc.poll() is None, open(tmp_path / "server.log").read()[-2000:]
+        assert _complete(client, model, prompts[0]) == one_shot[prompts[0]]

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from powerinfer_gguf.bench import GiB, ModelSizes, compute_buffer_estimate, parse_size, stock_offload
+from conftest import assert_one_line_error, run_cli
+from powerinfer_gguf.bench.stock import compute_buffer_estimate, stock_offload
+from powerinfer_gguf.model_file import GiB, ModelSizes, parse_size
 
 
 def test_parse_size():
@@ -16,9 +16,12 @@ def test_parse_size():
     assert parse_size("10GB") == 10 * 10**9
     assert parse_size("512 MiB") == 512 << 20
     assert parse_size("40%", 1000) == 400
-    for bad in ("ten", "5XB", "-3GiB", "150%"):
-        with pytest.raises(ValueError):
+    for bad, msg in (("ten", "bad size"), ("5XB", "bad size"), ("-3GiB", "bad size"), ("150%", "within 0-100"),
+                     ("x%", "bad budget")):
+        with pytest.raises(ValueError, match=msg):
             parse_size(bad, 1000)
+    with pytest.raises(ValueError, match="needs a model"):
+        parse_size("40%")
 
 
 def _sizes(n_layer=4, layer=100, out=50):
@@ -48,8 +51,7 @@ def test_model_sizes_from_file(tiny_model):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-c", "import sys; from powerinfer_gguf.cli import bench_cmd; "
-                           "sys.argv[0] = 'pi-bench'; bench_cmd()", *args], capture_output=True, text=True)
+    return run_cli("bench", *args)
 
 
 def test_pi_bench_runs_stock_at_budget_zero(tiny_model, tmp_path):
@@ -74,10 +76,7 @@ def test_pi_bench_bad_input_is_one_line(tiny_model, tmp_path, args, msg):
     res, _ = tiny_model
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\xff" * 64)
-    r = _cli(*[a.format(model=res.path, junk=junk) for a in args])
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert_one_line_error(_cli(*[a.format(model=res.path, junk=junk) for a in args]), msg)
 
 
 def test_pi_bench_ours_against_stock(tiny_pi, tmp_path):
@@ -111,10 +110,7 @@ def test_pi_bench_ours_bad_input_is_one_line(tiny_pi, tmp_path, args, msg):
     if "{plain_other}" in args:
         synthesize(other, "tiny", outtype="f32", hparams=replace(hparams_for("tiny", "relu"), n_layer=2),
                    progress=False)
-    r = _cli(*[a.format(plain=res.path, twin=twin, ours=ours, plain_other=other) for a in args])
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert_one_line_error(_cli(*[a.format(plain=res.path, twin=twin, ours=ours, plain_other=other) for a in args]), msg)
 
 
 def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
@@ -133,5 +129,56 @@ def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
     assert len(back) == 2 and back[0].sides["ours"].tg_samples == json.loads(j.read_text())[0]["ours"]["tg_samples"]
     assert bench.render_sweep_table(back).splitlines()[-2:] == r.stdout.strip().splitlines()[-2:]
     assert png.stat().st_size > 1000
-    bad = _cli(str(ours), "--stock", str(twin), "--sweep", ",")
-    assert bad.returncode == 1 and "at least one budget" in bad.stderr
+    assert_one_line_error(_cli(str(ours), "--stock", str(twin), "--sweep", ","), "at least one budget")
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("json-in-missing-folder", "does not exist"),
+    ("json-is-a-folder", "is a folder"),
+    ("json-is-the-model", "is the input"),
+    ("plot-is-the-twin", "is the input"),
+    ("json-and-plot-one-file", "both name"),
+    ("sweep-with-a-bad-budget", "bad size 'abc'"),
+    ("auto-without-gpu", "no GPU device"),
+    ("twin-not-gguf", "not a GGUF file"),
+    ("profile-not-gguf", "not a GGUF file"),
+    ("model-is-a-folder", "not a file"),
+])
+def test_pi_bench_refuses_bad_arguments_before_running(tiny_pi, tmp_path, case, msg):
+    """Every argument and output path is checked before the first llama-bench run: one line, no
+    progress line before it, and no input touched (a whole run's result was lost at its end, or
+    written over the model, or budget 0 ran before `abc` was refused)."""
+    from powerinfer_gguf.runtime import auto_vram_budget
+    _, ours, twin = tiny_pi
+    if case == "auto-without-gpu" and auto_vram_budget() is not None:
+        pytest.skip("a GPU is here: auto is a budget")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    before = {p: p.stat().st_mtime_ns for p in (ours, twin)}
+    run = ["-p", "0", "-n", "4", "-r", "1", "-t", "2"]
+    args = {
+        "json-in-missing-folder": [ours, "--stock", twin, *run, "--json", tmp_path / "nope" / "r.json"],
+        "json-is-a-folder": [ours, "--stock", twin, *run, "--json", tmp_path],
+        "json-is-the-model": [ours, "--stock", twin, *run, "--json", ours],
+        "plot-is-the-twin": [ours, "--stock", twin, *run, "--plot", twin],
+        "json-and-plot-one-file": [ours, "--stock", twin, *run, "--json", tmp_path / "r", "--plot", tmp_path / "r"],
+        "sweep-with-a-bad-budget": [ours, "--stock", twin, *run, "--sweep", "0,abc"],
+        "auto-without-gpu": [ours, "--stock", twin, *run, "--vram-budget", "auto"],
+        "twin-not-gguf": [ours, "--stock", text, *run],
+        "profile-not-gguf": [text, "--profile", "-n", "2"],
+        "model-is-a-folder": [tmp_path, *run],
+    }[case]
+    assert_one_line_error(_cli(*args), msg)
+    assert {p: p.stat().st_mtime_ns for p in (ours, twin)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_auto_budget_is_the_planners():
+    """pi-bench's "auto" is what llama.cpp's planner computes (one definition, in C): none here."""
+    from powerinfer_gguf.model_file import parse_size
+    from powerinfer_gguf.runtime import auto_vram_budget
+    if auto_vram_budget() is None:
+        with pytest.raises(ValueError, match="no GPU device"):
+            parse_size("auto")
+    else:
+        assert parse_size("auto") == auto_vram_budget()

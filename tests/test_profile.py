@@ -3,19 +3,17 @@ its time and its threads; the profile splits a decoded token's time into that ke
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from conftest import TOKENS as _ALL_TOKENS, assert_one_line_error, pi_llama, run_cli
 from powerinfer_gguf.format import Keys
 
-TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354]
+TOKENS = _ALL_TOKENS[:12]
 
 
 def _stats(path, n_threads=2, **kw):
-    from powerinfer_gguf import Llama
-    llm = Llama(str(path), n_ctx=64, n_batch=64, n_threads=n_threads, verbose=False, **kw)
+    llm = pi_llama(path, n_ctx=64, n_threads=n_threads, **kw)
     for t in TOKENS:
         llm.eval([t])
     st = llm.sparse_stats()
@@ -68,9 +66,7 @@ def test_dense_path_counts_no_cpu_kernel_time(tiny_pi):
 def test_pi_bench_profile_splits_the_token_time(tiny_pi, tmp_path):
     _, ours, _ = tiny_pi
     out = tmp_path / "profile.json"
-    r = subprocess.run([sys.executable, "-m", "powerinfer_gguf", "bench", str(ours), "--profile",
-                        "-t", "2", "-p", "8", "-n", "16", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("bench", ours, "--profile", "-t", "2", "-p", "8", "-n", "16", "--json", out, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "CPU sparse FFN" in r.stdout and "the rest" in r.stdout
     d = json.loads(out.read_text())
@@ -82,14 +78,10 @@ def test_pi_bench_profile_splits_the_token_time(tiny_pi, tmp_path):
 
 def test_pi_bench_profile_refuses_side_by_side_options(tiny_pi):
     _, ours, twin = tiny_pi
-    r = subprocess.run([sys.executable, "-m", "powerinfer_gguf", "bench", str(ours), "--profile", "--stock", str(twin)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("bench", ours, "--profile", "--stock", twin, timeout=120)
     assert r.returncode == 2 and "--profile runs ours alone" in r.stderr
 
 
 def test_pi_bench_profile_of_a_plain_gguf_is_one_line(tiny_pi):
     _, _, twin = tiny_pi
-    r = subprocess.run([sys.executable, "-m", "powerinfer_gguf", "bench", str(twin), "--profile", "-n", "2"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "has no sparse layout" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_line_error(run_cli("bench", twin, "--profile", "-n", "2", timeout=300), "has no sparse layout")

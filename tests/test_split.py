@@ -9,20 +9,14 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import TOKENS as _ALL_TOKENS, eval_logits, pi_llama
 from powerinfer_gguf.format import Keys
 
-TOKENS = [1, 15043, 3186, 29892, 445, 338, 263, 1243, 29889, 450, 4996, 17354]
+TOKENS = _ALL_TOKENS[:12]
 
 
 def _logits(path, one_by_one=True, **kw):
-    from powerinfer_gguf import Llama
-    llm = Llama(str(path), n_ctx=64, n_batch=64, n_threads=2, verbose=False, logits_all=True, **kw)
-    if one_by_one:
-        for t in TOKENS:
-            llm.eval([t])
-    else:
-        llm.eval(TOKENS)
-    return np.array(llm.scores[: len(TOKENS)]), llm
+    return eval_logits(path, TOKENS, one_by_one, n_ctx=64, **kw)
 
 
 @pytest.mark.parametrize("mode", [{}, {"all_active": True}, {"sparse": False}])
@@ -57,17 +51,15 @@ def test_split_counts_every_row(tiny_pi):
     (-5, "cannot be negative"),
 ])
 def test_budget_without_gpu_is_one_clear_error(tiny_pi, budget, msg):
-    from powerinfer_gguf import Llama
     _, ours, _ = tiny_pi
     with pytest.raises(ValueError, match=msg) as e:
-        Llama(str(ours), vram_budget=budget, n_ctx=64, verbose=False)
+        pi_llama(ours, vram_budget=budget, n_ctx=64)
     assert "\n" not in str(e.value)
 
 
 def test_budget_zero_is_cpu_only(tiny_pi):
     _, ours, _ = tiny_pi
-    from powerinfer_gguf import Llama
-    llm = Llama(str(ours), vram_budget=0, n_ctx=64, verbose=False)
+    llm = pi_llama(ours, vram_budget=0, n_ctx=64)
     assert all(not p.split and p.gpu_rows == 0 for p in llm.placement())
 
 
@@ -111,8 +103,9 @@ def test_llama_bench_takes_kv_overrides(tiny_pi):
     assert bad.returncode != 0 and "no GPU device" in bad.stderr
 
 
-def test_stock_override_plan_and_placement_parse():
-    from powerinfer_gguf.bench import ModelSizes, parse_placement, stock_override
+def test_stock_override_plan():
+    from powerinfer_gguf.bench.stock import stock_override
+    from powerinfer_gguf.model_file import ModelSizes
     n_layer, layer, ffn, out = 4, 1000, 600, 300
     s = ModelSizes("m", n_layer, 64, 4, 4, 128, 1000, [layer] * n_layer, out, 70, [ffn] * n_layer)
     assert stock_override(s, 0, 8) is None
@@ -122,13 +115,22 @@ def test_stock_override_plan_and_placement_parse():
     assert need_all_cpu.ffn_cpu == 4
     some = stock_override(s, big.gpu_bytes - ffn - 1, 8)
     assert some.ffn_cpu == 2 and "blk\\.(0|1)\\.ffn_" in some.args()[-1]
-    log = ["llama_pi_plan_placement: powerinfer: VRAM budget 10.00 GiB: 40 of 40 layers on the GPU (attention, "
-           "predictor, KV for 96 tokens) + output, 4.50 GiB; hot FFN rows 5.10 GiB (83.2% of the offloaded "
-           "layers' activation mass); compute reserve 0.08 GiB",
-           "llama_pi_plan_placement: powerinfer: GPU rows per layer (of 13824) 0:4096 1:4128 39:13824"]
-    p = parse_placement(log, 40)
-    assert p.layers == 40 and p.output and p.rows_gib == 5.1 and p.mass == 83.2
-    assert p.gpu_rows[:3] == [4096, 4128, 0] and p.gpu_rows[39] == 13824
+
+
+def test_pi_bench_reads_the_plan_through_the_c_api(tiny_pi):
+    """pi-bench's placement of ours is llama.cpp's plan, asked through the C API (no log parsed):
+    without a GPU a budget is refused in one line before any run; planned without a GPU (tests),
+    the hot rows and their bytes follow the plan."""
+    from powerinfer_gguf.bench.runner import planned_placement
+    from powerinfer_gguf.model_file import ModelSizes
+    from powerinfer_gguf.runtime import plan_file
+    _, ours, _ = tiny_pi
+    sizes = ModelSizes.from_gguf(ours)
+    with pytest.raises(ValueError, match="no GPU device"):
+        planned_placement(sizes, 10 ** 9, 64)
+    no_gpu = {Keys.Runtime.PLAN_WITHOUT_GPU: True, Keys.Runtime.VRAM_RESERVE: 0}
+    plan = plan_file(ours, ours.stat().st_size // 2, 64, no_gpu)
+    assert any(p.split for p in plan) and all(p.gpu_rows == 0 for p in plan)  # no GPU: both parts on the CPU
 
 
 def test_q4_0_rows_sparse_split_and_dense(tiny_pi, tmp_path):
@@ -153,16 +155,14 @@ def test_q4_0_rows_sparse_split_and_dense(tiny_pi, tmp_path):
 def _plan(path, budget, **kv):
     """The planner's decision without a GPU (powerinfer.runtime.plan_without_gpu: every part stays
     in CPU memory, but the plan is the one a GPU of that budget would get)."""
-    from powerinfer_gguf import Llama
     over = {Keys.Runtime.PLAN_WITHOUT_GPU: True, Keys.Runtime.VRAM_RESERVE: 0}
     over.update(kv)
-    llm = Llama(str(path), vram_budget=int(budget), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
-                kv_overrides=over)
+    llm = pi_llama(path, vram_budget=int(budget), n_ctx=64, logits_all=True, kv_overrides=over)
     return llm, llm.placement()
 
 
 def test_planner_fills_the_budget_hot_rows_first(tiny_pi):
-    from powerinfer_gguf.bench import ModelSizes
+    from powerinfer_gguf.model_file import ModelSizes
     _, ours, _ = tiny_pi
     s = ModelSizes.from_gguf(ours)
     kv = 64 * 2 * 2 * (s.n_head_kv * (s.n_embd // s.n_head))
