@@ -21,7 +21,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 # Read speeds for the two-sided bound (bytes per token / speed, summed over the sides): host RAM
-# streams ~90 GB/s on the H100 machine (../shared/MEASURED.md), HBM3 ~3 TB/s in practice.
+# streams ~90 GB/s on the H100 machine (../shared/MEASURED.md; the C planner prices a hand-off at
+# the same speed, PI_CPU_BYTES_PER_US: a test keeps them equal), HBM3 ~3 TB/s in practice.
 CPU_READ_GBPS = 90.0
 GPU_READ_GBPS = 3000.0
 

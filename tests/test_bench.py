@@ -182,3 +182,14 @@ def test_auto_budget_is_the_planners():
             parse_size("auto")
     else:
         assert parse_size("auto") == auto_vram_budget()
+
+
+def test_host_read_speed_is_the_planners():
+    """The bound's host read speed is the one the C planner prices a hand-off at."""
+    import re
+
+    from powerinfer_gguf import build
+    from powerinfer_gguf.model_file import CPU_READ_GBPS
+    text = (build.CSRC_DIR / "src" / "llama-powerinfer-plan.cpp").read_text()
+    per_us = float(re.search(r"PI_CPU_BYTES_PER_US\s*=\s*([0-9.e]+)", text).group(1))
+    assert per_us == CPU_READ_GBPS * 1e3
