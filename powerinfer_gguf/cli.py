@@ -52,12 +52,15 @@ def setup_cmd(jobs, no_python):
 @click.option("--pi", "pi_out", type=click.Path(dir_okay=False), default=None,
               help="also write our sparse layout of the same weights (ranked rows, predictors from the "
                    "generator's low-rank gate): OUTPUT is then its stock twin")
+@click.option("--force", is_flag=True,
+              help="replace existing outputs (an --hf folder only if it holds nothing but a previous --hf output)")
 @one_line_errors
 def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, layers, hf_dir,
-              calib_tokens, heldout_tokens, pi_out):
+              calib_tokens, heldout_tokens, pi_out, force):
     """Write a synthetic power-law ReLU LLaMA model (GGUF) that really fires as asked."""
     from dataclasses import replace
 
+    from .outputs import sigterm_interrupts
     from .synth import FiringTarget, hparams_for, synthesize
 
     hp = hparams_for(preset, act)
@@ -65,9 +68,11 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
         if layers < 1:
             raise ValueError("--layers must be at least 1")
         hp = replace(hp, n_layer=layers)
-    res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
-                     target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
-                     hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, pi_out=pi_out)
+    with sigterm_interrupts():
+        res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
+                         target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
+                         hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, pi_out=pi_out,
+                         force=force)
     click.echo(res.profile.table())
     click.echo(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB, {outtype}) in {res.seconds:.1f} s"
                + (f"; HF checkpoint in {hf_dir}" if hf_dir else "")
@@ -155,15 +160,18 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
               help="override config.json's hidden_act (e.g. drelu for TurboSparse checkpoints)")
 @click.option("--stock", type=click.Path(dir_okay=False), default=None,
               help="also write a stock llama.cpp GGUF of the same (permuted) weights")
+@click.option("--force", is_flag=True, help="replace existing output files")
 @one_line_errors
 def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, predictor_dir, recall,
-                predictor_steps, act, stock):
+                predictor_steps, act, stock, force):
     """Convert an HF checkpoint into a GGUF with activation profile, predictors and metadata."""
     from .convert import convert
+    from .outputs import sigterm_interrupts
 
-    rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
-                  predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
-                  act=act, predictor_steps=predictor_steps, log=lambda m: click.echo(m, err=True))
+    with sigterm_interrupts():
+        rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
+                      predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
+                      act=act, predictor_steps=predictor_steps, force=force, log=lambda m: click.echo(m, err=True))
     click.echo(rep.summary())
 
 
