@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -89,6 +90,27 @@ def _check_folder_output(d: Path, ours: re.Pattern, force: bool) -> None:
                           "folder (move it away or choose another)")
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done: a temporary is never made without being
+    recorded, nor a set of renames or a cleanup cut in half. A signal that came meanwhile is
+    raised again right after, to the handler that was there. (Handlers, not a signal mask: the
+    process's other threads, BLAS's and tqdm's, would take a masked signal in its place.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        if pending:
+            signal.raise_signal(pending[0])
+
+
 class Staged:
     """Temporary siblings of the outputs; ``commit`` moves them into place, ``discard`` removes them.
     Temporary names come from tempfile (hidden, unique), so they never meet a user's file."""
@@ -100,26 +122,33 @@ class Staged:
     def file(self, target: Path) -> Path:
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+            self._files.append((Path(tmp), target))
         os.close(fd)
-        self._files.append((Path(tmp), target))
         return Path(tmp)
 
     def folder(self, target: Path) -> Path:
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-        self._folders.append((tmp, target))
+        with _signals_held():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+            self._folders.append((tmp, target))
         return tmp
 
     def temp(self, like: Path) -> Path:
         """A scratch file beside ``like`` that is never committed (removed with the others)."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{Path(like).name}.", suffix=".tmp", dir=Path(like).parent)
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(like).name}.", suffix=".tmp", dir=Path(like).parent)
+            self._files.append((Path(tmp), None))
         os.close(fd)
-        self._files.append((Path(tmp), None))
         return Path(tmp)
 
     def commit(self) -> None:
+        with _signals_held():
+            self._commit()
+
+    def _commit(self) -> None:
         for tmp, target in self._files:
             if target is not None:
                 os.replace(tmp, target)
@@ -130,11 +159,12 @@ class Staged:
         self._files, self._folders = [], []
 
     def discard(self) -> None:
-        for tmp, _ in self._files:
-            tmp.unlink(missing_ok=True)
-        for tmp, _ in self._folders:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._files, self._folders = [], []
+        with _signals_held():
+            for tmp, _ in self._files:
+                tmp.unlink(missing_ok=True)
+            for tmp, _ in self._folders:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._files, self._folders = [], []
 
 
 def _replace_folder(tmp: Path, target: Path) -> None:
