@@ -21,7 +21,7 @@ from . import format as fmt
 from .forward import Hparams
 from .hf import (Checkpoint, CheckpointError, Vocab, hf_tensor_name, permute_qk_to_gguf, read_tokenizer,
                  reject_lfs_pointer)
-from .layout import OUTTYPES, GGUFOut, file_type, sparse_plan, write_sparse_keys
+from .layout import OUTTYPES, GGUFOut, file_type, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
 from .outputs import Staged, check_outputs, staged
 
 _FAMILIES: dict[str, type["ModelFamily"]] = {}
@@ -94,18 +94,14 @@ class LlamaFamily(ModelFamily):
                        n_ctx_train=int(cfg.get("max_position_embeddings", 4096)))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        hp = self.hp
-        d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
-        shapes = {"token_embd.weight": (hp.n_vocab, d), "output_norm.weight": (d,)}
+        import gguf
+
+        T, hp = gguf.MODEL_TENSOR, self.hp
+        shapes = {tensor_name(T.TOKEN_EMBD): (hp.n_vocab, hp.n_embd), tensor_name(T.OUTPUT_NORM): (hp.n_embd,)}
         if self.ckpt.has("lm_head.weight") or not self.ckpt.config.get("tie_word_embeddings", False):
-            shapes["output.weight"] = (hp.n_vocab, d)
+            shapes[tensor_name(T.OUTPUT)] = (hp.n_vocab, hp.n_embd)
         for il in range(hp.n_layer):
-            b = f"blk.{il}."
-            shapes.update({b + "attn_norm.weight": (d,), b + "attn_q.weight": (d, d),
-                           b + "attn_k.weight": (dkv, d), b + "attn_v.weight": (dkv, d),
-                           b + "attn_output.weight": (d, d), b + "ffn_norm.weight": (d,),
-                           b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d),
-                           b + "ffn_down.weight": (d, f)})
+            shapes.update(llama_layer_plan(hp, il))
         return shapes
 
     def check(self) -> None:

@@ -49,6 +49,25 @@ def to_stored(a: np.ndarray, outtype: str) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(a, np.float32), raw)
 
 
+def tensor_name(kind, il: int | None = None) -> str:
+    """llama.cpp's name of a weight (a gguf.MODEL_TENSOR), as gguf-py spells it."""
+    import gguf
+
+    return gguf.TENSOR_NAMES[kind].format(bid=il) + ".weight"
+
+
+def llama_layer_plan(hp, il: int) -> Plan:
+    """Layer ``il`` of a LLaMA GGUF (hp: forward.Hparams) in llama.cpp's file order, numpy shapes."""
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
+    shapes = ((T.ATTN_NORM, (d,)), (T.ATTN_Q, (d, d)), (T.ATTN_K, (dkv, d)), (T.ATTN_V, (dkv, d)),
+              (T.ATTN_OUT, (d, d)), (T.FFN_NORM, (d,)), (T.FFN_GATE, (f, d)), (T.FFN_UP, (f, d)),
+              (T.FFN_DOWN, (d, f)))
+    return [(tensor_name(kind, il), shape) for kind, shape in shapes]
+
+
 def sparse_plan(dense: Iterable[tuple[str, tuple[int, ...]]], ranks: Sequence[int]) -> Plan:
     """Our layout of a dense plan: each layer's ffn_down [n_embd, n_ff] becomes down_t, the
     predictor (rank ``ranks[layer]``), threshold and freq, where ffn_down stood."""

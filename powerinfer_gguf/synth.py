@@ -33,7 +33,7 @@ import numpy as np
 
 from . import format as fmt
 from .forward import Hparams, attention_outputs, ffn_activation, rms_norm
-from .layout import GGUFOut, sparse_plan, write_sparse_keys
+from .layout import GGUFOut, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
 from .outputs import check_outputs, staged
 
 # name: (n_embd, n_ff, n_layer, n_head, n_head_kv); LLaMA-family shapes, 32000-token SPM vocab.
@@ -160,17 +160,13 @@ def hparams_for(preset: str, act: str = "relu") -> Hparams:
 
 def _tensor_plan(hp: Hparams) -> list[tuple[str, tuple[int, ...]]]:
     """Names and numpy shapes ([n_out, n_in]) in the order the file stores them."""
-    d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
-    plan: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (hp.n_vocab, d))]
+    import gguf
+
+    T, d = gguf.MODEL_TENSOR, hp.n_embd
+    plan = [(tensor_name(T.TOKEN_EMBD), (hp.n_vocab, d))]
     for il in range(hp.n_layer):
-        b = f"blk.{il}."
-        plan += [(b + "attn_norm.weight", (d,)), (b + "attn_q.weight", (d, d)),
-                 (b + "attn_k.weight", (dkv, d)), (b + "attn_v.weight", (dkv, d)),
-                 (b + "attn_output.weight", (d, d)), (b + "ffn_norm.weight", (d,)),
-                 (b + "ffn_gate.weight", (f, d)), (b + "ffn_up.weight", (f, d)),
-                 (b + "ffn_down.weight", (d, f))]
-    plan += [("output_norm.weight", (d,)), ("output.weight", (hp.n_vocab, d))]
-    return plan
+        plan += llama_layer_plan(hp, il)
+    return plan + [(tensor_name(T.OUTPUT_NORM), (d,)), (tensor_name(T.OUTPUT), (hp.n_vocab, d))]
 
 
 def _copy_vocab(writer, vocab_file: Path) -> int:
