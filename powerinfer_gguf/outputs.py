@@ -49,8 +49,9 @@ def _writable_folder(path: Path, make_parents: bool) -> None:
         raise OutputError(f"{path}: folder {parent} is not writable ({e.strerror})") from None
 
 
-def check_outputs(files: Iterable[Path | None], inputs: Iterable[Path], *, folders: dict[Path, re.Pattern] | None = None,
-                  force: bool = False, make_parents: bool = False) -> None:
+def check_outputs(files: Iterable[Path | None], inputs: Iterable[Path], *,
+                  folders: dict[Path, re.Pattern] | None = None, force: bool = False,
+                  make_parents: bool = False) -> None:
     """Refuse, in one line, any output that would lose data or fail late. ``folders`` maps a folder
     output to the pattern of the names that command writes into it."""
     files = [Path(f) for f in files if f is not None]

@@ -272,9 +272,9 @@ def test_bf16_checkpoint_converts_like_f32(tmp_path, tiny_model, tiny_pi):
         if f.suffix != ".safetensors":
             shutil.copy(f, bf / f.name)
             continue
-        tensors = load_file(str(f))
-        _write_bf16_safetensors(bf / f.name, {k: gguf.quants.quantize(v.astype(np.float32), gguf.GGMLQuantizationType.BF16)
-                                               .view(np.uint16).reshape(v.shape) for k, v in tensors.items()})
+        bits = {k: gguf.quants.quantize(v.astype(np.float32), gguf.GGMLQuantizationType.BF16).view(np.uint16)
+                .reshape(v.shape) for k, v in load_file(str(f)).items()}
+        _write_bf16_safetensors(bf / f.name, bits)
     rep = convert(bf, tmp_path / "bf.gguf", outtype="f32", calib_tokens=1536, progress=False, log=lambda m: None)
     tokens = [1, 15043, 3186, 29892, 445, 338, 263, 1243]
     got, want = _dense_logits(rep.output, tokens), _dense_logits(ours32, tokens)
@@ -299,3 +299,19 @@ def _dense_logits(path, tokens):
                           kv_overrides={"powerinfer.runtime.sparse": False})
     llm.eval(list(tokens))
     return np.array(llm.scores[: len(tokens)])
+
+
+def test_a_link_to_an_input_is_an_input(tmp_path):
+    """Symbolic and hard links reach the input's bytes: writing over either would change it."""
+    from powerinfer_gguf.outputs import OutputError, check_outputs
+
+    inp = tmp_path / "shard.safetensors"
+    inp.write_bytes(b"weights")
+    os.link(inp, tmp_path / "hard")
+    (tmp_path / "soft").symlink_to(inp)
+    for out in ("hard", "soft"):
+        with pytest.raises(OutputError, match="is an input"):
+            check_outputs([tmp_path / out], [inp], force=True)
+    with pytest.raises(OutputError, match="named as two outputs"):
+        check_outputs([tmp_path / "a.gguf", tmp_path / "." / "a.gguf"], [])
+    assert inp.read_bytes() == b"weights"
