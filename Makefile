@@ -21,10 +21,10 @@ setup: $(BIN)/python
 # llama vocabulary from the sdist) -> pi-convert (profile on Python's own docs, predictors, ranked
 # neurons, our GGUF + stock twin) -> pi-info -> pi-bench: ours (sparse) against stock on the twin.
 demo: setup
-	$(BIN)/pi-synth $(DEMO)-synth.gguf --preset small --outtype f16 --hf $(DEMO)-hf
-	$(BIN)/pi-convert $(DEMO)-hf -o $(DEMO).pi.gguf --stock $(DEMO).stock.gguf
+	$(BIN)/pi-synth $(DEMO)-synth.gguf --preset small --outtype f16 --hf $(DEMO)-hf --force
+	$(BIN)/pi-convert $(DEMO)-hf -o $(DEMO).pi.gguf --stock $(DEMO).stock.gguf --force
 	$(BIN)/pi-info $(DEMO).pi.gguf
-	$(BIN)/pi-bench $(DEMO).pi.gguf --stock $(DEMO).stock.gguf --vram-budget 0 -p 64 -n 64 -r 3 --json $(DEMO)-bench.json --plot $(DEMO)-bench.png
+	$(BIN)/pi-bench $(DEMO).pi.gguf --stock $(DEMO).stock.gguf --vram-budget 0 -p 64 -n 64 -r 3 --json $(DEMO)-bench.json --plot $(DEMO)-bench.png --force
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

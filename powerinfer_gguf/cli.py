@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 
 import click
@@ -53,12 +52,15 @@ def setup_cmd(jobs, no_python):
 @click.option("--pi", "pi_out", type=click.Path(dir_okay=False), default=None,
               help="also write our sparse layout of the same weights (ranked rows, predictors from the "
                    "generator's low-rank gate): OUTPUT is then its stock twin")
+@click.option("--force", is_flag=True,
+              help="replace existing outputs (an --hf folder only if it holds nothing but a previous --hf output)")
 @one_line_errors
 def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, layers, hf_dir,
-              calib_tokens, heldout_tokens, pi_out):
+              calib_tokens, heldout_tokens, pi_out, force):
     """Write a synthetic power-law ReLU LLaMA model (GGUF) that really fires as asked."""
     from dataclasses import replace
 
+    from .outputs import sigterm_interrupts
     from .synth import FiringTarget, hparams_for, synthesize
 
     hp = hparams_for(preset, act)
@@ -66,9 +68,11 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
         if layers < 1:
             raise ValueError("--layers must be at least 1")
         hp = replace(hp, n_layer=layers)
-    res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
-                     target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
-                     hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, pi_out=pi_out)
+    with sigterm_interrupts():
+        res = synthesize(output, preset, outtype=outtype, act=act, seed=seed,
+                         target=FiringTarget(firing, hot_share, hot_mass), hparams=hp if layers else None,
+                         hf_dir=hf_dir, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, pi_out=pi_out,
+                         force=force)
     click.echo(res.profile.table())
     click.echo(f"wrote {res.path} ({res.bytes / 2**30:.2f} GiB, {outtype}) in {res.seconds:.1f} s"
                + (f"; HF checkpoint in {hf_dir}" if hf_dir else "")
@@ -87,6 +91,7 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True)
 @click.option("--json", "json_path", default=None, help="write the result as JSON")
 @click.option("--plot", "plot_path", default=None, help="write a bar chart (PNG)")
+@click.option("--force", is_flag=True, help="replace an existing --json or --plot file")
 @click.option("--sweep", default=None,
               help="comma-separated budgets (e.g. 0,10%,20%,40%,70%,100%): one run each, a table and "
                    "(--plot) decode speed against the budget")
@@ -94,8 +99,8 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
               help="instead: decode -n tokens with ours through the Python API and show where a token's time "
                    "goes (CPU sparse FFN per layer, its GB/s and threads, the rest)")
 @one_line_errors
-def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, sweep,
-              profile):
+def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, force,
+              sweep, profile):
     """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
 
     MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
@@ -110,7 +115,7 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
         Llama  # noqa: B018  (resolved lazily: force the load now)
     from . import bench
 
-    _check_bench_outputs(json_path, plot_path, [model, stock_model])
+    _check_bench_outputs(json_path, plot_path, [model, stock_model], force)
     if profile:
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
@@ -129,16 +134,12 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
         bench.render_plot(res, plot_path)
 
 
-def _check_bench_outputs(json_path, plot_path, inputs) -> None:
-    """Before any run: each output can be written, and the two are not one file (a whole run's
-    result would otherwise be lost at its end)."""
-    from .bench import check_output
+def _check_bench_outputs(json_path, plot_path, inputs, force: bool) -> None:
+    """Before any run: each output can be written (an existing one only with --force, never an
+    input), and the two are not one file: a whole run's result would otherwise be lost at its end."""
+    from .outputs import check_outputs
 
-    for path in (json_path, plot_path):
-        if path:
-            check_output(path, inputs)
-    if json_path and plot_path and os.path.abspath(json_path) == os.path.abspath(plot_path):
-        raise ValueError(f"--json and --plot both name {json_path}")
+    check_outputs([json_path, plot_path], [i for i in inputs if i], force=force)
 
 
 def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, json_path, plot_path) -> None:
@@ -173,15 +174,18 @@ def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetition
               help="override config.json's hidden_act (e.g. drelu for TurboSparse checkpoints)")
 @click.option("--stock", type=click.Path(dir_okay=False), default=None,
               help="also write a stock llama.cpp GGUF of the same (permuted) weights")
+@click.option("--force", is_flag=True, help="replace existing output files")
 @one_line_errors
 def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, predictor_dir, recall,
-                predictor_steps, act, stock):
+                predictor_steps, act, stock, force):
     """Convert an HF checkpoint into a GGUF with activation profile, predictors and metadata."""
     from .convert import convert
+    from .outputs import sigterm_interrupts
 
-    rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
-                  predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
-                  act=act, predictor_steps=predictor_steps, log=lambda m: click.echo(m, err=True))
+    with sigterm_interrupts():
+        rep = convert(hf_dir, output, calib=calib, calib_tokens=calib_tokens, outtype=outtype,
+                      predictor_rank=predictor_rank, predictor_dir=predictor_dir, stock=stock, recall=recall,
+                      act=act, predictor_steps=predictor_steps, force=force, log=lambda m: click.echo(m, err=True))
     click.echo(rep.summary())
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from . import format as fmt
 from .forward import Hparams
-from .hf import Checkpoint, CheckpointError, Vocab, hf_tensor_name, permute_qk_to_gguf, read_tokenizer
-
-OUTTYPES = ("f32", "f16", "bf16")
+from .hf import (Checkpoint, CheckpointError, Vocab, hf_tensor_name, permute_qk_to_gguf, read_tokenizer,
+                 reject_lfs_pointer)
+from .layout import OUTTYPES, GGUFOut, file_type, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
+from .outputs import Staged, check_outputs, staged
 
 _FAMILIES: dict[str, type["ModelFamily"]] = {}
 
@@ -93,18 +94,14 @@ class LlamaFamily(ModelFamily):
                        n_ctx_train=int(cfg.get("max_position_embeddings", 4096)))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        hp = self.hp
-        d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
-        shapes = {"token_embd.weight": (hp.n_vocab, d), "output_norm.weight": (d,)}
+        import gguf
+
+        T, hp = gguf.MODEL_TENSOR, self.hp
+        shapes = {tensor_name(T.TOKEN_EMBD): (hp.n_vocab, hp.n_embd), tensor_name(T.OUTPUT_NORM): (hp.n_embd,)}
         if self.ckpt.has("lm_head.weight") or not self.ckpt.config.get("tie_word_embeddings", False):
-            shapes["output.weight"] = (hp.n_vocab, d)
+            shapes[tensor_name(T.OUTPUT)] = (hp.n_vocab, hp.n_embd)
         for il in range(hp.n_layer):
-            b = f"blk.{il}."
-            shapes.update({b + "attn_norm.weight": (d,), b + "attn_q.weight": (d, d),
-                           b + "attn_k.weight": (dkv, d), b + "attn_v.weight": (dkv, d),
-                           b + "attn_output.weight": (d, d), b + "ffn_norm.weight": (d,),
-                           b + "ffn_gate.weight": (f, d), b + "ffn_up.weight": (f, d),
-                           b + "ffn_down.weight": (d, f)})
+            shapes.update(llama_layer_plan(hp, il))
         return shapes
 
     def check(self) -> None:
@@ -208,72 +205,166 @@ def make_tokenizer(family: ModelFamily, vocab: Vocab, tmpdir: Path) -> Callable[
     return tokenize
 
 
-def _storage(outtype: str, is_vector: bool):
-    """(numpy dtype, gguf raw type or None) of one stored tensor: vectors (norms, thresholds,
-    frequencies) stay F32, as llama.cpp's converter keeps them; weights follow outtype."""
-    import gguf
-
-    if is_vector or outtype == "f32":
-        return np.dtype(np.float32), None
-    if outtype == "f16":
-        return np.dtype(np.float16), None
-    return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
+def _inputs(ckpt: Checkpoint, calib, predictor_dir) -> list[Path]:
+    """Every file the conversion reads: no output may be one of them."""
+    files = list(ckpt.files)
+    if calib:
+        files.append(Path(calib))
+    if predictor_dir is not None:
+        files += sorted(Path(predictor_dir).glob("*"))
+    return files
 
 
-def _to_stored(a: np.ndarray, outtype: str) -> np.ndarray:
-    dt, raw = _storage(outtype, a.ndim == 1)
-    if raw is None:
-        return np.ascontiguousarray(a, dt)
-    # bf16: round to nearest even on the top 16 bits
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+def _check_request(ckpt: Checkpoint, family: ModelFamily, vocab: Vocab, *, outtype: str, recall: float,
+                   predictor_rank: int | None, predictor_dir, calib) -> None:
+    """Arguments against the checkpoint, before any slow work."""
+    hp = family.hp
+    if len(vocab.tokens) != hp.n_vocab:
+        raise CheckpointError(f"{ckpt.dir}: tokenizer has {len(vocab.tokens)} tokens, config.json says "
+                              f"vocab_size {hp.n_vocab}")
+    if predictor_rank is not None:
+        top = min(hp.n_embd, hp.n_ff)  # a rank above both sides adds bytes and no information
+        if not 1 <= predictor_rank <= top:
+            raise ValueError(f"--predictor-rank {predictor_rank} is out of range: this model takes 1 to {top}")
+    if calib is not None and not Path(calib).is_file():
+        raise FileNotFoundError(f"{calib}: no such calibration text file")
+    if predictor_dir is not None:
+        for f in sorted(Path(predictor_dir).glob("model_*.pt")):
+            reject_lfs_pointer(f)
 
 
-class _Out:
-    """One output GGUF, written atomically (.part then rename) and streamed tensor by tensor."""
+@dataclass
+class _Profiled:
+    """What profiling and predictor fitting give the writer, per layer (neurons hot to cold)."""
 
-    def __init__(self, path: Path, arch: str):
-        import gguf
+    orders: list[np.ndarray] = field(default_factory=list)
+    freqs: list[np.ndarray] = field(default_factory=list)
+    predictors: list = field(default_factory=list)
 
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
-        self.w = gguf.GGUFWriter(self.tmp, arch)
 
-    def add_info(self, name: str, shape: tuple[int, ...], outtype: str) -> None:
-        dt, raw = _storage(outtype, len(shape) == 1)
-        self.w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=raw)
+def _held_out(seqs: list, share: float) -> set[int]:
+    n_held = max(1, int(round(len(seqs) * share))) if len(seqs) > 1 else 0
+    return set(np.linspace(0, len(seqs) - 1, n_held).astype(int).tolist()) if n_held else set()
 
-    def begin(self) -> None:
-        self.w.write_header_to_file()
-        self.w.write_kv_data_to_file()
-        self.w.write_ti_data_to_file()
 
-    def put(self, a: np.ndarray, outtype: str) -> None:
-        self.w.write_tensor_data(_to_stored(a, outtype))
+def _calibration(family: ModelFamily, vocab: Vocab, calib, calib_tokens: int, seq_len: int, tmp: Path) -> list:
+    from .profile import calibration_sequences, default_corpus
 
-    def finish(self) -> None:
-        self.w.close()
-        os.replace(self.tmp, self.path)
+    tokenize = make_tokenizer(family, vocab, tmp)
+    text = Path(calib).read_text(errors="replace") if calib else default_corpus()
+    return calibration_sequences(tokenize, text, calib_tokens, seq_len, vocab.bos_id if vocab.add_bos else None)
 
-    def abort(self) -> None:
-        try:
-            self.w.close()
-        except Exception:
-            pass
-        self.tmp.unlink(missing_ok=True)
+
+def _profile_and_fit(family: ModelFamily, seqs: list, held_ids: set[int], report: ConvertReport, *,
+                     recall: float, predictor_rank, predictor_dir, predictor_steps: int, outtype: str,
+                     progress: bool) -> _Profiled:
+    """Profile every layer; fit (or import) its predictor; rank its neurons hot to cold."""
+    from .predictor import fit_layer, load_powerinfer_predictor, quality
+    from .profile import profile
+    from .synth import hot_mass_of
+
+    hp = family.hp
+    out = _Profiled()
+    t_fit = 0.0
+
+    def visit(obs) -> None:
+        nonlocal t_fit
+        held = np.isin(obs.seq_id, list(held_ids))
+        train = ~held if held.any() else np.ones_like(held)
+        held = held if held.any() else train
+        counts = obs.active[train].sum(axis=0)
+        freq = counts / max(train.sum(), 1)
+        # hot -> cold; ties keep the original order, so the permutation is deterministic
+        order = np.argsort(-freq, kind="stable")
+        out.orders.append(order)
+        out.freqs.append(freq[order].astype(np.float32))
+        rep = LayerReport(obs.layer, float(obs.active.mean()), hot_mass_of(counts, 0.25))
+        t1 = time.time()
+        if predictor_dir is not None:
+            p = load_powerinfer_predictor(predictor_dir, obs.layer, hp.n_embd, hp.n_ff)
+            q = quality(p.predict(obs.ffn_in[held]), obs.active[held])
+        else:
+            fit = fit_layer(obs.ffn_in[train], obs.gate[train], obs.active[train],
+                            obs.ffn_in[held], obs.active[held], obs.w_gate,
+                            recall=recall, rank=predictor_rank, train_steps=predictor_steps)
+            p, q = fit.predictor, fit.heldout
+        t_fit += time.time() - t1
+        out.predictors.append(p.permuted(order))
+        rep.rank, rep.recall, rep.precision, rep.predicted = p.rank, q.recall, q.precision, q.predicted
+        rep.predictor_bytes = (p.fc1.size + p.fc2.size) * (4 if outtype == "f32" else 2)
+        report.layers.append(rep)
+
+    t0 = time.time()
+    profile(family.tensor, hp, seqs, visit, progress)
+    report.seconds["profile"] = time.time() - t0 - t_fit
+    report.seconds["predictors"] = t_fit
+    return out
+
+
+def _begin_outputs(outs: list[tuple[GGUFOut, bool]], family: ModelFamily, vocab: Vocab, report: ConvertReport,
+                   recall: float, prof: _Profiled, outtype: str, name: str) -> None:
+    """Keys and tensor plans of our file and (ours False) the stock twin."""
+    dense = list(family.expected_shapes().items())
+    for out, ours in outs:
+        family.write_kv(out.w, name)
+        vocab.write(out.w)
+        out.w.add_file_type(file_type(outtype))
+        if ours:
+            _write_our_kv(out.w, report, recall, prof.predictors)
+        else:
+            out.w.add_string(fmt.Keys.STOCK_TWIN, f"stock llama.cpp twin of {report.output.name}: the same "
+                             "(permuted) weights; stock llama.cpp computes SwiGLU for the llama "
+                             "architecture, so for relu/drelu models it is a speed reference")
+        sparse = ours and report.sparse
+        out.begin(sparse_plan(dense, [p.rank for p in prof.predictors]) if sparse else dense)
+
+
+def _stream_tensors(outs: list[tuple[GGUFOut, bool]], family: ModelFamily, sparse: bool, prof: _Profiled,
+                    progress: bool) -> None:
+    """Each tensor read once (FFN neurons in hot-to-cold order) and written to every output."""
+    from tqdm import tqdm
+
+    for name in tqdm(family.expected_shapes(), desc="write", unit="tensor", disable=not progress):
+        w = family.tensor(name)
+        is_ffn = name.startswith("blk.") and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down")
+        il = int(name.split(".")[1]) if is_ffn else -1
+        if sparse and is_ffn:
+            w = w[:, prof.orders[il]] if name.endswith("ffn_down.weight") else w[prof.orders[il]]
+        for out, ours in outs:
+            if ours and sparse and name.endswith("ffn_down.weight"):
+                p = prof.predictors[il]
+                out.put_sparse_ffn_down(il, w, p.fc1, p.fc2, p.threshold, prof.freqs[il])
+            else:
+                out.put(name, w)
+
+
+def _write(staged: Staged, output: Path, stock: Path | None, family: ModelFamily, vocab: Vocab,
+           report: ConvertReport, recall: float, prof: _Profiled, outtype: str, name: str,
+           progress: bool) -> None:
+    """Our file and the twin, both to temporaries; they replace their targets together at the end."""
+    targets = [(output, True)] + ([(stock, False)] if stock else [])
+    outs = [(GGUFOut(staged.file(t), family.gguf_arch, outtype), ours) for t, ours in targets]
+    try:
+        _begin_outputs(outs, family, vocab, report, recall, prof, outtype, name)
+        _stream_tensors(outs, family, report.sparse, prof, progress)
+        for out, _ in outs:
+            out.close()
+    except BaseException:
+        for out, _ in outs:
+            out.abandon()
+        raise
+    staged.commit()
 
 
 def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str | os.PathLike | None = None,
             calib_tokens: int = 2048, outtype: str = "f16", predictor_rank: int | None = None,
             predictor_dir: str | os.PathLike | None = None, stock: str | os.PathLike | None = None,
             recall: float = 0.99, act: str | None = None, heldout_share: float = 0.2,
-            seq_len: int = 128, predictor_steps: int = 0, progress: bool = True,
+            seq_len: int = 128, predictor_steps: int = 0, force: bool = False, progress: bool = True,
             log: Callable[[str], None] = print) -> ConvertReport:
-    """The whole conversion; see the module doc. Nothing is left behind on failure."""
-    from .synth import hot_mass_of
-
+    """The whole conversion; see the module doc. Every argument and output path is checked before
+    the slow work; outputs appear whole or not at all (``force``: an existing one is replaced)."""
     t_all = time.time()
-    times: dict[str, float] = {}
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
     if not 0.5 <= recall < 1:
@@ -282,135 +373,38 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
         raise ValueError("--predictor-rank and --predictor-dir exclude each other")
     output = Path(output)
     stock = Path(stock) if stock else None
-    if stock is not None and stock.resolve() == output.resolve():
-        raise ValueError("--stock must name another file than the output")
     t0 = time.time()
     ckpt = Checkpoint(hf_dir)
     family = ModelFamily.for_checkpoint(ckpt, act)
     family.check()
     vocab = read_tokenizer(hf_dir)
+    _check_request(ckpt, family, vocab, outtype=outtype, recall=recall, predictor_rank=predictor_rank,
+                   predictor_dir=predictor_dir, calib=calib)
+    check_outputs([output, stock], _inputs(ckpt, calib, predictor_dir), force=force)
     hp = family.hp
-    if len(vocab.tokens) != hp.n_vocab:
-        raise CheckpointError(f"{hf_dir}: tokenizer has {len(vocab.tokens)} tokens, config.json says "
-                              f"vocab_size {hp.n_vocab}")
-    sparse = hp.act in ("relu", "drelu")
-    times["read"] = time.time() - t0
-    report = ConvertReport(output, stock, hp, sparse, 0, 0)
-    orders: list[np.ndarray] = []
-    freqs: list[np.ndarray] = []
-    predictors: list = []
-
-    with tempfile.TemporaryDirectory(prefix="pi-convert-") as tmp:
-        if sparse:
+    report = ConvertReport(output, stock, hp, hp.act in ("relu", "drelu"), 0, 0)
+    report.seconds["read"] = time.time() - t0
+    prof = _Profiled()
+    with tempfile.TemporaryDirectory(prefix="pi-convert-") as tmp, staged() as st:
+        if report.sparse:
             t0 = time.time()
-            tokenize = make_tokenizer(family, vocab, Path(tmp))
-            text = Path(calib).read_text(errors="replace") if calib else None
-            if text is None:
-                from .profile import default_corpus
-                text = default_corpus()
-            from .profile import calibration_sequences, profile
-
-            seqs = calibration_sequences(tokenize, text, calib_tokens, seq_len, vocab.bos_id if vocab.add_bos else None)
-            n_held = max(1, int(round(len(seqs) * heldout_share))) if len(seqs) > 1 else 0
-            held_ids = set(np.linspace(0, len(seqs) - 1, n_held).astype(int).tolist()) if n_held else set()
+            seqs = _calibration(family, vocab, calib, calib_tokens, seq_len, Path(tmp))
+            held_ids = _held_out(seqs, heldout_share)
             report.calib_tokens = sum(len(s) for i, s in enumerate(seqs) if i not in held_ids)
             report.heldout_tokens = sum(len(s) for i, s in enumerate(seqs) if i in held_ids)
             if not held_ids:
                 log("warning: one calibration sequence only: predictor quality is measured on the training tokens")
-            times["tokenize"] = time.time() - t0
-            from .predictor import fit_layer, load_powerinfer_predictor, quality
-
-            t_fit = 0.0
-
-            def visit(obs) -> None:
-                nonlocal t_fit
-                held = np.isin(obs.seq_id, list(held_ids))
-                train = ~held if held.any() else np.ones_like(held)
-                held = held if held.any() else train
-                counts = obs.active[train].sum(axis=0)
-                freq = counts / max(train.sum(), 1)
-                # hot -> cold; ties keep the original order, so the permutation is deterministic
-                order = np.argsort(-freq, kind="stable")
-                orders.append(order)
-                freqs.append(freq[order].astype(np.float32))
-                rep = LayerReport(obs.layer, float(obs.active.mean()), hot_mass_of(counts, 0.25))
-                t1 = time.time()
-                if predictor_dir is not None:
-                    p = load_powerinfer_predictor(predictor_dir, obs.layer, hp.n_embd, hp.n_ff)
-                    q = quality(p.predict(obs.ffn_in[held]), obs.active[held])
-                else:
-                    fit = fit_layer(obs.ffn_in[train], obs.gate[train], obs.active[train],
-                                    obs.ffn_in[held], obs.active[held], obs.w_gate,
-                                    recall=recall, rank=predictor_rank, train_steps=predictor_steps)
-                    p, q = fit.predictor, fit.heldout
-                t_fit += time.time() - t1
-                predictors.append(p.permuted(order))
-                rep.rank, rep.recall, rep.precision, rep.predicted = p.rank, q.recall, q.precision, q.predicted
-                rep.predictor_bytes = (p.fc1.size + p.fc2.size) * (4 if outtype == "f32" else 2)
-                report.layers.append(rep)
-
-            t0 = time.time()
-            profile(family.tensor, hp, seqs, visit, progress)
-            times["profile"] = time.time() - t0 - t_fit
-            times["predictors"] = t_fit
-
+            report.seconds["tokenize"] = time.time() - t0
+            prof = _profile_and_fit(family, seqs, held_ids, report, recall=recall, predictor_rank=predictor_rank,
+                                    predictor_dir=predictor_dir, predictor_steps=predictor_steps,
+                                    outtype=outtype, progress=progress)
         t0 = time.time()
-        shapes = family.expected_shapes()
-        outs = [(_Out(output, family.gguf_arch), True)] + ([(_Out(stock, family.gguf_arch), False)] if stock else [])
-        try:
-            for out, ours in outs:
-                family.write_kv(out.w, Path(hf_dir).name)
-                vocab.write(out.w)
-                out.w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[outtype])
-                if ours:
-                    _write_our_kv(out.w, report, recall, predictors)
-                else:
-                    out.w.add_string(fmt.Keys.STOCK_TWIN, f"stock llama.cpp twin of {output.name}: the same "
-                                     "(permuted) weights; stock llama.cpp computes SwiGLU for the llama "
-                                     "architecture, so for relu/drelu models it is a speed reference")
-                for name, shape in shapes.items():
-                    if not (ours and sparse and name.endswith("ffn_down.weight")):
-                        out.add_info(name, shape, outtype)
-                        continue
-                    # our layout: down one row per neuron, then the layer's predictor and profile
-                    il = int(name.split(".")[1])
-                    p = predictors[il]
-                    out.add_info(fmt.Tensors.FFN_DOWN_T.format(il), shape[::-1], outtype)
-                    out.add_info(fmt.Tensors.PRED_FC1.format(il), p.fc1.shape, outtype)
-                    out.add_info(fmt.Tensors.PRED_FC2.format(il), p.fc2.shape, outtype)
-                    out.add_info(fmt.Tensors.PRED_THRESHOLD.format(il), (hp.n_ff,), outtype)
-                    out.add_info(fmt.Tensors.NEURON_FREQ.format(il), (hp.n_ff,), outtype)
-                out.begin()
-            from tqdm import tqdm
-
-            for name in tqdm(shapes, desc="write", unit="tensor", disable=not progress):
-                w = family.tensor(name)
-                if sparse and name.startswith("blk.") and name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-                    il = int(name.split(".")[1])
-                    w = w[:, orders[il]] if name.endswith("ffn_down.weight") else w[orders[il]]
-                for out, ours in outs:
-                    if ours and sparse and name.endswith("ffn_down.weight"):
-                        il = int(name.split(".")[1])
-                        out.put(np.ascontiguousarray(w.T), outtype)  # one row per neuron
-                        p = predictors[il]
-                        out.put(p.fc1, outtype)
-                        out.put(p.fc2, outtype)
-                        out.put(p.threshold, outtype)
-                        out.put(freqs[il], outtype)
-                    else:
-                        out.put(w, outtype)
-            for out, _ in outs:
-                out.finish()
-        except BaseException:
-            for out, _ in outs:
-                out.abort()
-            raise
-        times["write"] = time.time() - t0
+        _write(st, output, stock, family, vocab, report, recall, prof, outtype, Path(hf_dir).name, progress)
+        report.seconds["write"] = time.time() - t0
     report.ffn_bytes = hp.n_layer * 3 * hp.n_embd * hp.n_ff * (4 if outtype == "f32" else 2)
     report.bytes = output.stat().st_size
     report.stock_bytes = stock.stat().st_size if stock else 0
-    times["total"] = time.time() - t_all
-    report.seconds = times
+    report.seconds["total"] = time.time() - t_all
     return report
 
 
@@ -426,15 +420,11 @@ WEAK_PREDICTOR_MAX_TOKENS = 16
 def _write_our_kv(w, report: ConvertReport, recall: float, predictors: list) -> None:
     K = fmt.Keys
     w.add_uint32(K.FORMAT_VERSION, fmt.FORMAT_VERSION)
-    w.add_bool(K.SPARSE, report.sparse)
     if not report.sparse:
+        w.add_bool(K.SPARSE, False)
         return
-    w.add_string(K.FFN_DOWN_LAYOUT, "neuron_rows")
-    w.add_string(K.PREDICTOR_ACT, predictors[0].act)
-    w.add_float32(K.PREDICTOR_RECALL_TARGET, recall)
-    w.add_array(K.PREDICTOR_RECALL, [float(r.recall) for r in report.layers])
-    w.add_array(K.PREDICTOR_PRECISION, [float(r.precision) for r in report.layers])
-    w.add_uint32(K.CALIB_TOKENS, report.calib_tokens)
+    write_sparse_keys(w, predictors[0].act, recall, [r.recall for r in report.layers],
+                      [r.precision for r in report.layers], report.calib_tokens)
     predicted = float(np.mean([r.predicted for r in report.layers]))
     if predicted > WEAK_PREDICTOR_SHARE:
         w.add_uint32(K.Runtime.SPARSE_MAX_TOKENS, WEAK_PREDICTOR_MAX_TOKENS)

@@ -5,6 +5,8 @@ plain llama.cpp file and runs exactly as stock. The C++ patches declare the same
 """
 from __future__ import annotations
 
+import gguf
+
 FORMAT_VERSION = 1
 
 NAMESPACE = "powerinfer"
@@ -53,8 +55,8 @@ class Keys:
         BIAS_CHANNEL = f"{NAMESPACE}.synth.bias_channel"          # uint32, the constant channel
 
 
-# llama.cpp's own key for the FFN activation (src/llama-arch.cpp LLM_KV_HIDDEN_ACT).
-HIDDEN_ACT_KEY = "{arch}.hidden_activation"
+# llama.cpp's own key for the FFN activation (src/llama-arch.cpp LLM_KV_HIDDEN_ACT), as gguf-py names it.
+HIDDEN_ACT_KEY = gguf.Keys.LLM.HIDDEN_ACT
 
 # Activations we know: the llama.cpp spelling of each, and whether the FFN is ReLU-sparse.
 ACTIVATIONS = {
@@ -88,14 +90,12 @@ def write_llama_kv(w, hp, name: str) -> None:
     w.add_rope_freq_base(hp.rope_theta)
     w.add_rope_dimension_count(hp.head_dim)
     w.add_vocab_size(hp.n_vocab)
-    w.add_string(HIDDEN_ACT_KEY.format(arch="llama"), ACTIVATIONS[hp.act])
+    w.add_hidden_act(ACTIVATIONS[hp.act])
 
 
 def field_item(field) -> tuple:
     """A gguf.ReaderField as (value, value type, array item type or None): what
     gguf.GGUFWriter.add_key_value takes, to copy a key from one file to another."""
-    import gguf
-
     vtype = field.types[0]
     sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
     return field.contents(), vtype, sub

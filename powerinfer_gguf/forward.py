@@ -68,23 +68,81 @@ def attention(xn: np.ndarray, wq, wk, wv, wo, hp: Hparams, pos: np.ndarray) -> n
     return out @ wo.T
 
 
-def ffn_hidden(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
-    """The FFN's per-neuron hidden values h [T, n_ff]; a neuron 'fires' where h != 0 (ReLU kinds)."""
+def attention_outputs(xs: list[np.ndarray], w_norm: np.ndarray, wq, wk, wv, wo, hp: Hparams) -> list[np.ndarray]:
+    """What one layer's attention adds to each sequence's residual ``xs[i]`` [T_i, n_embd]."""
+    return [attention(rms_norm(x, w_norm, hp.rms_eps), wq, wk, wv, wo, hp, np.arange(len(x))) for x in xs]
+
+
+@dataclass
+class FFNActivation:
+    """One FFN's per-token values for inputs xn [T, n_embd]: pre-activations and hidden values."""
+
+    gate: np.ndarray    # [T, n_ff] gate pre-activations
+    up: np.ndarray      # [T, n_ff]
+    hidden: np.ndarray  # [T, n_ff] what the down projection takes
+
+    def active(self, act: str) -> np.ndarray:
+        """Neurons that contribute (ReLU kinds): the gate fires (and, for dReLU, up too)."""
+        if act == "relu":
+            return self.gate > 0
+        if act == "drelu":
+            return (self.gate > 0) & (self.up > 0)
+        raise ValueError(f"a {act!r} FFN has no exact zeros: only relu and drelu neurons fire")
+
+
+def ffn_activation(xn: np.ndarray, w_gate, w_up, act: str) -> FFNActivation:
     g = xn @ w_gate.T
     u = xn @ w_up.T
     if act == "relu":
-        return np.maximum(g, 0) * u
+        return FFNActivation(g, u, np.maximum(g, 0) * u)
     if act == "drelu":
-        return np.maximum(g, 0) * np.maximum(u, 0)
+        return FFNActivation(g, u, np.maximum(g, 0) * np.maximum(u, 0))
     if act == "silu":
-        return g / (1 + np.exp(-g)) * u
+        return FFNActivation(g, u, g / (1 + np.exp(-g)) * u)
     raise ValueError(f"unknown activation {act!r}")
+
+
+def ffn_hidden(xn: np.ndarray, w_gate, w_up, act: str) -> np.ndarray:
+    """The FFN's per-neuron hidden values h [T, n_ff]; a neuron 'fires' where h != 0 (ReLU kinds)."""
+    return ffn_activation(xn, w_gate, w_up, act).hidden
 
 
 def gguf_weights(path) -> dict[str, np.ndarray]:
     """Every tensor of an F32/F16/BF16 GGUF as float32 arrays by name, in the shapes forward() takes."""
     import gguf
     return {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+
+
+def _down_rows(get: Callable[[str], np.ndarray], il: int) -> np.ndarray:
+    """Layer il's down projection as [n_ff, n_embd] rows, from either layout."""
+    try:
+        return get(f"blk.{il}.ffn_down.weight").T
+    except KeyError:
+        return get(f"blk.{il}.ffn_down_t.weight")
+
+
+def layer_step(get: Callable[[str], np.ndarray], il: int, hp: Hparams, xs: list[np.ndarray],
+               on_ffn: Callable[[np.ndarray, FFNActivation, np.ndarray], np.ndarray | None] | None = None) -> None:
+    """Layer ``il`` on every sequence's residual in ``xs`` (updated in place): attention per
+    sequence, then the FFN over all their tokens at once. ``on_ffn(xn, ffn, w_gate)`` sees the
+    FFN's input (after its norm), activation and gate weight (read once, for predictor fits); a
+    hidden array it returns replaces ffn.hidden."""
+    b = f"blk.{il}."
+    att = attention_outputs(xs, get(b + "attn_norm.weight"), get(b + "attn_q.weight"), get(b + "attn_k.weight"),
+                            get(b + "attn_v.weight"), get(b + "attn_output.weight"), hp)
+    for x, a in zip(xs, att):
+        x += a
+    del att
+    fn = get(b + "ffn_norm.weight")
+    xn = np.concatenate([rms_norm(x, fn, hp.rms_eps) for x in xs])
+    w_gate = get(b + "ffn_gate.weight")
+    ffn = ffn_activation(xn, w_gate, get(b + "ffn_up.weight"), hp.act)
+    h = on_ffn(xn, ffn, w_gate) if on_ffn is not None else None
+    out = (ffn.hidden if h is None else h) @ _down_rows(get, il)
+    o = 0
+    for x in xs:
+        x += out[o:o + len(x)]
+        o += len(x)
 
 
 @dataclass
@@ -109,26 +167,18 @@ def forward(weights: Mapping[str, np.ndarray] | Callable[[str], np.ndarray], hp:
         return np.asarray(get(name), dtype=np.float32)
 
     tokens = np.asarray(tokens)
-    pos = np.arange(len(tokens))
     x = W("token_embd.weight")[tokens]
     for il in range(hp.n_layer):
-        b = f"blk.{il}."
-        xn = rms_norm(x, W(b + "attn_norm.weight"), hp.rms_eps)
-        x = x + attention(xn, W(b + "attn_q.weight"), W(b + "attn_k.weight"), W(b + "attn_v.weight"),
-                          W(b + "attn_output.weight"), hp, pos)
-        xn = rms_norm(x, W(b + "ffn_norm.weight"), hp.rms_eps)
-        wg, wu = W(b + "ffn_gate.weight"), W(b + "ffn_up.weight")
-        h = ffn_hidden(xn, wg, wu, hp.act)
-        if ffn_mask is not None:
-            h = np.where(ffn_mask(il, xn), h, 0).astype(np.float32)
-        if trace is not None:
-            trace.ffn_inputs.append(xn)
-            if hp.act != "silu":
-                trace.active.append(h != 0)
-        try:
-            down = W(b + "ffn_down.weight").T
-        except KeyError:
-            down = W(b + "ffn_down_t.weight")
-        x = x + h @ down
+        def on_ffn(xn: np.ndarray, ffn: FFNActivation, _w_gate, il=il) -> np.ndarray:
+            h = ffn.hidden
+            if ffn_mask is not None:
+                h = np.where(ffn_mask(il, xn), h, 0).astype(np.float32)
+            if trace is not None:
+                trace.ffn_inputs.append(xn)
+                if hp.act != "silu":
+                    trace.active.append(h != 0)
+            return h
+
+        layer_step(W, il, hp, [x], on_ffn)
     x = rms_norm(x, W("output_norm.weight"), hp.rms_eps)
     return x @ W("output.weight").T

@@ -4,11 +4,13 @@ llama.cpp's RoPE (type NORM) rotates adjacent pairs of a head; HF LLaMA rotates 
 llama.cpp's converter reorders the rows of Q and K accordingly (``permute_qk_to_gguf``); the
 synthetic generator writes HF checkpoints with the inverse.
 
-``tokenizer.model`` is a SentencePiece ModelProto (protobuf). The fields we need are few and
-stable, so they are encoded and decoded here directly instead of depending on protobuf.
+Libraries do the reading: safetensors for weights, sentencepiece's ModelProto for
+tokenizer.model, gguf-py's tensor name map for llama.cpp's names. What is ours is a thin layer
+of checks that names the file and the problem in one line (a CheckpointError).
 """
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -16,24 +18,30 @@ from pathlib import Path
 
 import numpy as np
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# HF LLaMA's tensor names ({bid}: the layer); gguf-py's TensorNameMap gives each its llama.cpp name.
+_HF_LLAMA = ("model.embed_tokens", "model.norm", "lm_head", "model.layers.{bid}.input_layernorm",
+             "model.layers.{bid}.post_attention_layernorm", "model.layers.{bid}.self_attn.q_proj",
+             "model.layers.{bid}.self_attn.k_proj", "model.layers.{bid}.self_attn.v_proj",
+             "model.layers.{bid}.self_attn.o_proj", "model.layers.{bid}.mlp.gate_proj",
+             "model.layers.{bid}.mlp.up_proj", "model.layers.{bid}.mlp.down_proj")
+
+
+@functools.cache
+def _hf_by_gguf() -> dict[str, str]:
+    """llama.cpp name template (``blk.{bid}.attn_q``) -> HF name template."""
+    import gguf
+
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, 1)
+    return {gguf.TENSOR_NAMES[names.get_type(hf.format(bid=0))]: hf for hf in _HF_LLAMA}
 
 
 def hf_tensor_name(gguf_name: str) -> str:
     """``blk.3.ffn_gate.weight`` -> ``model.layers.3.mlp.gate_proj.weight``."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if not m or m.group(2) not in _LAYER_NAMES:
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
+    key = m and ("blk.{bid}." if m.group(1) else "") + m.group(2)
+    if not m or key not in _hf_by_gguf():
         raise KeyError(f"no HF name for tensor {gguf_name!r}")
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return _hf_by_gguf()[key].format(bid=m.group(1)) + ".weight"
 
 
 def permute_qk_to_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -46,33 +54,41 @@ def permute_qk_to_hf(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as given; the message names the file and the problem."""
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
+def reject_lfs_pointer(path: Path) -> None:
+    """A Git LFS pointer (a clone without ``git lfs pull``) stands where the file should be."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
+    if head == _LFS_POINTER:
+        raise CheckpointError(f"{path} is a Git LFS pointer, not the file: run git lfs pull")
+
+
 # --- SentencePiece ModelProto -------------------------------------------------------------------
 # Piece types are numbered alike in SentencePiece and GGUF (tokenizer.ggml.token_type):
 # 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte.
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    key = _varint(num << 3 | wire)
-    if wire == 2:
-        return key + _varint(len(payload)) + payload
-    return key + payload
+def _model_proto():
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:
+        raise CheckpointError(f"tokenizer.model needs the sentencepiece and protobuf packages ({e})") from None
+    return sentencepiece_model_pb2.ModelProto()
 
 
 @dataclass
 class SentencePieceModel:
+    """The fields of a tokenizer.model that llama.cpp's vocabulary needs."""
+
     pieces: list[str]
     scores: list[float]
     types: list[int]
@@ -85,95 +101,33 @@ class SentencePieceModel:
     pad_id: int = -1
 
     def encode(self) -> bytes:
-        out = bytearray()
+        m = _model_proto()
         for p, s, t in zip(self.pieces, self.scores, self.types):
-            msg = _field(1, 2, p.encode("utf-8")) + _field(2, 5, struct.pack("<f", s)) + _field(3, 0, _varint(t))
-            out += _field(1, 2, msg)
-        trainer = (_field(3, 0, _varint(self.model_type)) + _field(4, 0, _varint(len(self.pieces)))
-                   + _field(35, 0, _varint(int(self.byte_fallback))) + _field(40, 0, _varint(self.unk_id))
-                   + _field(41, 0, _varint(self.bos_id)) + _field(42, 0, _varint(self.eos_id))
-                   + _field(43, 0, _varint(self.pad_id)))
-        normalizer = (_field(1, 2, b"identity") + _field(3, 0, _varint(int(self.add_dummy_prefix)))
-                      + _field(4, 0, _varint(0)) + _field(5, 0, _varint(1)))
-        out += _field(2, 2, trainer) + _field(3, 2, normalizer)
-        return bytes(out)
+            piece = m.pieces.add()
+            piece.piece, piece.score, piece.type = p, s, t
+        ts = m.trainer_spec
+        ts.model_type, ts.vocab_size, ts.byte_fallback = self.model_type, len(self.pieces), self.byte_fallback
+        ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = self.unk_id, self.bos_id, self.eos_id, self.pad_id
+        ns = m.normalizer_spec
+        ns.name, ns.add_dummy_prefix = "identity", self.add_dummy_prefix
+        ns.remove_extra_whitespaces, ns.escape_whitespaces = False, True
+        return m.SerializeToString()
 
     @classmethod
     def decode(cls, data: bytes) -> "SentencePieceModel":
-        m = cls([], [], [])
-        for num, wire, val in _fields(data):
-            if num == 1 and wire == 2:
-                piece, score, typ = "", 0.0, 1
-                for n2, w2, v2 in _fields(val):
-                    if n2 == 1 and w2 == 2:
-                        piece = v2.decode("utf-8")
-                    elif n2 == 2 and w2 == 5:
-                        score = struct.unpack("<f", v2)[0]
-                    elif n2 == 3 and w2 == 0:
-                        typ = v2
-                m.pieces.append(piece)
-                m.scores.append(score)
-                m.types.append(typ)
-            elif num == 2 and wire == 2:
-                for n2, w2, v2 in _fields(val):
-                    if w2 != 0:
-                        continue
-                    signed = v2 - (1 << 64) if v2 >= 1 << 63 else v2
-                    if n2 == 3:
-                        m.model_type = v2
-                    elif n2 == 35:
-                        m.byte_fallback = bool(v2)
-                    elif n2 in (40, 41, 42, 43):
-                        setattr(m, {40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}[n2], signed)
-            elif num == 3 and wire == 2:
-                for n2, w2, v2 in _fields(val):
-                    if n2 == 3 and w2 == 0:
-                        m.add_dummy_prefix = bool(v2)
+        from google.protobuf.message import DecodeError
+
+        m = _model_proto()
+        try:
+            m.ParseFromString(data)
+        except DecodeError as e:
+            raise ValueError(f"corrupt SentencePiece model ({e})") from None
         if not m.pieces:
             raise ValueError("not a SentencePiece model: no pieces")
-        return m
-
-
-def _fields(data: bytes):
-    """Yield (field number, wire type, value) of a protobuf message; raise ValueError if corrupt."""
-    i, n = 0, len(data)
-
-    def varint() -> int:
-        nonlocal i
-        shift = val = 0
-        while True:
-            if i >= n or shift > 63:
-                raise ValueError("corrupt protobuf: truncated varint")
-            b = data[i]
-            i += 1
-            val |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return val
-
-    while i < n:
-        key = varint()
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            yield num, wire, varint()
-        elif wire == 1:
-            if i + 8 > n:
-                raise ValueError("corrupt protobuf: truncated fixed64")
-            yield num, wire, data[i:i + 8]
-            i += 8
-        elif wire == 2:
-            ln = varint()
-            if i + ln > n:
-                raise ValueError("corrupt protobuf: truncated field")
-            yield num, wire, data[i:i + ln]
-            i += ln
-        elif wire == 5:
-            if i + 4 > n:
-                raise ValueError("corrupt protobuf: truncated fixed32")
-            yield num, wire, data[i:i + 4]
-            i += 4
-        else:
-            raise ValueError(f"corrupt protobuf: wire type {wire}")
+        ts = m.trainer_spec
+        return cls([p.piece for p in m.pieces], [p.score for p in m.pieces], [p.type for p in m.pieces],
+                   ts.model_type, ts.byte_fallback, m.normalizer_spec.add_dummy_prefix,
+                   ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id)
 
 
 def write_sentencepiece_model(vocab_gguf: Path, dest: Path) -> None:
@@ -191,75 +145,82 @@ def write_sentencepiece_model(vocab_gguf: Path, dest: Path) -> None:
 
 # --- reading a checkpoint ---------------------------------------------------------------------
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as given; the message names the file and the problem."""
-
-
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
 
 
-class SafetensorsFile:
-    """One .safetensors file, memory-mapped; tensors are read (and checked) on demand.
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(data start, {name: (dtype, shape, start, end)}) of a .safetensors file, every entry checked
+    against the file's size: the one-line messages the library's errors do not give, and the
+    offsets BF16 is read by."""
+    import json as _json
 
-    Parsed here rather than through the safetensors package so that BF16 reads without torch and
-    every inconsistency (truncated data, overlapping or out-of-file offsets, shapes that do not
-    match their byte ranges) is a CheckpointError naming the file, never a crash."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors (no header)")
+            n = struct.unpack("<Q", head)[0]
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: corrupt safetensors header length {n}")
+            header = _json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    return 8 + n, {name: _checked_entry(path, name, e, 8 + n, size) for name, e in header.items()}
+
+
+def _checked_entry(path: Path, name: str, e, base: int, size: int) -> tuple[str, tuple[int, ...], int, int]:
+    try:
+        dtype, shape, (start, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}") from None
+    if dtype not in _ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+    if end - start != nbytes or start < 0 or min(shape, default=1) < 0:
+        raise CheckpointError(f"{path}: tensor {name!r} shape {list(shape)} does not match its {end - start} bytes")
+    if base + end > size:
+        raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
+    return dtype, shape, start, end
+
+
+class SafetensorsFile:
+    """One .safetensors file: checked when opened (our header checks, then the safetensors
+    library's own), tensors read on demand through the library."""
 
     def __init__(self, path: str | Path):
-        import json as _json
+        from safetensors import safe_open
 
         self.path = Path(path)
+        reject_lfs_pointer(self.path)
+        self.base, self.entries = _safetensors_header(self.path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"{self.path}: truncated safetensors (no header)")
-                n = struct.unpack("<Q", head)[0]
-                if n > min(size - 8, 100 << 20):
-                    raise CheckpointError(f"{self.path}: corrupt safetensors header length {n}")
-                header = _json.loads(f.read(n))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header")
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.size = size
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (start, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt entry for tensor {name!r}") from None
-            if dtype not in _ST_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
-            if end - start != nbytes or start < 0 or min(shape, default=1) < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r} shape {list(shape)} does not match "
-                                      f"its {end - start} bytes")
-            if self.base + end > size:
-                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte "
-                                      f"{self.base + end}, file has {size}")
-            self.entries[name] = (dtype, shape, start, end)
+            self._st = safe_open(str(self.path), framework="numpy")
+        except Exception as e:  # safetensors raises its own SafetensorError (no public base class)
+            raise CheckpointError(f"{self.path}: not a valid safetensors file ({e})") from None
         self._mm = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 (BF16 and F16 widened), read from the memory map."""
+        """The tensor as float32 (BF16 and F16 widened)."""
         dtype, shape, start, end = self.entries[name]
+        if dtype != "BF16":
+            return self._st.get_tensor(name).astype(np.float32)
+        # numpy has no bfloat16, so the library's numpy reader refuses BF16: its bytes are read
+        # here (mapped, at the header's offsets) and widened to float32.
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mm[self.base + start:self.base + end]
-        if dtype == "BF16":
-            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        return raw.view(_ST_DTYPES[dtype]).reshape(shape).astype(np.float32)
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
 
 class Checkpoint:
@@ -275,12 +236,15 @@ class Checkpoint:
         cfg = self.dir / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{self.dir}: no config.json")
+        reject_lfs_pointer(cfg)
+        self.files: list[Path] = [cfg]  # what is read: outputs may not be any of these
         try:
             self.config = _json.loads(cfg.read_text())
         except ValueError as e:
             raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
         self._where: dict[str, object] = {}
         self._open_weights()
+        self.files += [p for p in (self.dir / n for n in _TOKENIZER_FILES) if p.is_file()]
 
     def _open_weights(self) -> None:
         import json as _json
@@ -288,26 +252,15 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                wmap = _json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: no weight_map ({e})") from None
-            files = {}
-            for name, fname in wmap.items():
-                if fname not in files:
-                    p = self.dir / fname
-                    if not p.is_file():
-                        raise CheckpointError(f"{index}: shard {fname} is missing")
-                    files[fname] = SafetensorsFile(p)
-                if name not in files[fname].entries:
-                    raise CheckpointError(f"{index}: tensor {name!r} is not in shard {fname}")
-                self._where[name] = files[fname]
+            self._open_index(index)
         elif single.is_file():
             st = SafetensorsFile(single)
+            self.files.append(single)
             self._where = {n: st for n in st.entries}
         else:
             shards = sorted(self.dir.glob("*.safetensors"))
             bins = sorted(self.dir.glob("pytorch_model*.bin"))
+            self.files += shards or bins
             if shards:
                 for p in shards:
                     st = SafetensorsFile(p)
@@ -317,12 +270,34 @@ class Checkpoint:
             else:
                 raise CheckpointError(f"{self.dir}: no weights (model.safetensors, an index, or pytorch_model*.bin)")
 
+    def _open_index(self, index: Path) -> None:
+        """Sharded safetensors: every shard the index names must be there (checked before any is read)."""
+        import json as _json
+
+        reject_lfs_pointer(index)
+        try:
+            wmap = _json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(wmap.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: no weight_map ({e})") from None
+        missing = [f for f in shards if not (self.dir / f).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{index}: shard {missing[0]} is missing{more}")
+        self.files += [index] + [self.dir / f for f in shards]
+        files = {f: SafetensorsFile(self.dir / f) for f in shards}
+        for name, fname in wmap.items():
+            if name not in files[fname].entries:
+                raise CheckpointError(f"{index}: tensor {name!r} is not in shard {fname}")
+            self._where[name] = files[fname]
+
     def _open_torch_bins(self, bins: list[Path]) -> None:
         """pytorch_model*.bin: the zip format reads without torch (tensors only, safely); older
         pickle formats need torch."""
         from .torchfile import load_state_dict
 
         for p in bins:
+            reject_lfs_pointer(p)
             try:
                 sd = load_state_dict(p)
             except ValueError as e:
@@ -352,6 +327,8 @@ class Checkpoint:
             return src.get(name)
         return np.asarray(src, dtype=np.float32)
 
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 # --- tokenizer -> GGUF vocabulary -------------------------------------------------------------
 
@@ -407,6 +384,7 @@ def read_tokenizer(folder: str | Path) -> Vocab:
             raise CheckpointError(f"{folder / 'tokenizer_config.json'}: not valid JSON ({e})") from None
     spm, tjs = folder / "tokenizer.model", folder / "tokenizer.json"
     if spm.is_file():
+        reject_lfs_pointer(spm)
         try:
             m = SentencePieceModel.decode(spm.read_bytes())
         except ValueError as e:
@@ -418,6 +396,7 @@ def read_tokenizer(folder: str | Path) -> Vocab:
                      unk_id=m.unk_id if m.unk_id >= 0 else None, pad_id=m.pad_id if m.pad_id >= 0 else None,
                      add_bos=bool(cfg.get("add_bos_token", True)), add_eos=bool(cfg.get("add_eos_token", False)))
     if tjs.is_file():
+        reject_lfs_pointer(tjs)
         try:
             tj = _json.loads(tjs.read_text())
             model = tj["model"]

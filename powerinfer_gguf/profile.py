@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .forward import Hparams, attention, rms_norm
+from .forward import FFNActivation, Hparams, layer_step
 
 DEFAULT_CORPUS = "pydoc_data.topics (Python's own documentation prose, ~465 KB, ships with Python)"
 
@@ -61,35 +61,15 @@ def profile(get: Callable[[str], np.ndarray], hp: Hparams, seqs: Iterable[np.nda
     calling ``visit`` with each layer's FFN observation."""
     from tqdm import tqdm
 
+    if hp.act not in ("relu", "drelu"):
+        raise ValueError(f"profiling needs a ReLU-family activation, not {hp.act!r}")
     seqs = list(seqs)
     emb = get("token_embd.weight")
     xs = [emb[s].astype(np.float32) for s in seqs]
     del emb
     seq_id = np.concatenate([np.full(len(s), i) for i, s in enumerate(seqs)])
     for il in tqdm(range(hp.n_layer), desc="profile", unit="layer", disable=not progress):
-        b = f"blk.{il}."
-        wq, wk, wv, wo = (get(b + n + ".weight") for n in ("attn_q", "attn_k", "attn_v", "attn_output"))
-        an = get(b + "attn_norm.weight")
-        for x in xs:
-            x += attention(rms_norm(x, an, hp.rms_eps), wq, wk, wv, wo, hp, np.arange(len(x)))
-        del wq, wk, wv, wo
-        fn = get(b + "ffn_norm.weight")
-        xn = np.concatenate([rms_norm(x, fn, hp.rms_eps) for x in xs])
-        w_gate, w_up = get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")
-        g = xn @ w_gate.T
-        u = xn @ w_up.T
-        if hp.act == "relu":
-            active = g > 0
-            h = np.maximum(g, 0) * u
-        elif hp.act == "drelu":
-            active = (g > 0) & (u > 0)
-            h = np.maximum(g, 0) * np.maximum(u, 0)
-        else:
-            raise ValueError(f"profiling needs a ReLU-family activation, not {hp.act!r}")
-        visit(LayerObservation(il, xn, g, active, seq_id, w_gate))
-        out = h @ get(b + "ffn_down.weight").T
-        o = 0
-        for x in xs:
-            x += out[o:o + len(x)]
-            o += len(x)
-        del g, u, h, out, xn
+        def observe(xn: np.ndarray, ffn: FFNActivation, w_gate: np.ndarray, il=il) -> None:
+            visit(LayerObservation(il, xn, ffn.gate, ffn.active(hp.act), seq_id, w_gate))
+
+        layer_step(get, il, hp, xs, observe)

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import format as fmt
-from .forward import Hparams, attention, rms_norm
+from .forward import Hparams, attention_outputs, ffn_activation, rms_norm
+from .layout import GGUFOut, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
+from .outputs import check_outputs, staged
 
 # name: (n_embd, n_ff, n_layer, n_head, n_head_kv); LLaMA-family shapes, 32000-token SPM vocab.
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -157,39 +160,13 @@ def hparams_for(preset: str, act: str = "relu") -> Hparams:
 
 def _tensor_plan(hp: Hparams) -> list[tuple[str, tuple[int, ...]]]:
     """Names and numpy shapes ([n_out, n_in]) in the order the file stores them."""
-    d, f, dkv = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
-    plan: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (hp.n_vocab, d))]
+    import gguf
+
+    T, d = gguf.MODEL_TENSOR, hp.n_embd
+    plan = [(tensor_name(T.TOKEN_EMBD), (hp.n_vocab, d))]
     for il in range(hp.n_layer):
-        b = f"blk.{il}."
-        plan += [(b + "attn_norm.weight", (d,)), (b + "attn_q.weight", (d, d)),
-                 (b + "attn_k.weight", (dkv, d)), (b + "attn_v.weight", (dkv, d)),
-                 (b + "attn_output.weight", (d, d)), (b + "ffn_norm.weight", (d,)),
-                 (b + "ffn_gate.weight", (f, d)), (b + "ffn_up.weight", (f, d)),
-                 (b + "ffn_down.weight", (d, f))]
-    plan += [("output_norm.weight", (d,)), ("output.weight", (hp.n_vocab, d))]
-    return plan
-
-
-def _pi_tensor_plan(hp: Hparams, rank: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Our sparse layout of the same model (docs/FORMAT.md), in file order."""
-    d, f = hp.n_embd, hp.n_ff
-    T = fmt.Tensors
-    plan: list[tuple[str, tuple[int, ...]]] = []
-    for name, shape in _tensor_plan(hp):
-        if not name.endswith("ffn_down.weight"):
-            plan.append((name, shape))
-            continue
-        il = int(name.split(".")[1])
-        plan += [(T.FFN_DOWN_T.format(il), (f, d)), (T.PRED_FC1.format(il), (rank, d)),
-                 (T.PRED_FC2.format(il), (f, rank)), (T.PRED_THRESHOLD.format(il), (f,)),
-                 (T.NEURON_FREQ.format(il), (f,))]
-    # a layer's file order: ..., gate, up, down_t, fc1, fc2, threshold, freq (as synthesize writes)
-    return plan
-
-
-def _store_dtype(name: str, shape: tuple[int, ...], outtype: str) -> type:
-    # Norms stay F32, as llama.cpp's converter writes them.
-    return np.float32 if len(shape) == 1 or outtype == "f32" else np.float16
+        plan += llama_layer_plan(hp, il)
+    return plan + [(tensor_name(T.OUTPUT_NORM), (d,)), (tensor_name(T.OUTPUT), (hp.n_vocab, d))]
 
 
 def _copy_vocab(writer, vocab_file: Path) -> int:
@@ -219,34 +196,42 @@ class SynthResult:
     bytes: int
 
 
-def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "f16",
-               target: FiringTarget = FiringTarget(), seed: int = 0, act: str = "relu",
-               gate_rank: int | None = None, calib_tokens: int | None = None,
-               heldout_tokens: int | None = None, vocab: str = "llama-spm",
-               hparams: Hparams | None = None, hf_dir: str | os.PathLike | None = None,
-               pi_out: str | os.PathLike | None = None, progress: bool = True) -> SynthResult:
-    """Write a synthetic model GGUF (and optionally an HF checkpoint of the same weights).
+@dataclass
+class _Job:
+    """One synthesis, checked: the shape, the token counts and where each output goes."""
 
-    ``pi_out``: also write our sparse layout of the same weights (what pi-convert would make of
-    the HF checkpoint), in the same pass: neurons ranked by their planted firing rates, down
-    stored row per neuron, and as predictor the generator's own low-rank gate signal (the gate
-    minus its full-rank noise) with a threshold at -PRED_Z noise deviations, measured on held-out
-    tokens like pi-convert's. Minutes instead of pi-convert's ~20 at 7B: device-sized runs."""
-    import gguf
-    from tqdm import tqdm
+    out: Path
+    preset: str
+    name: str              # preset, or "custom" for hparams given (powerinfer.synth.preset)
+    outtype: str
+    target: FiringTarget
+    seed: int
+    hp: Hparams
+    gate_rank: int
+    seq_len: int
+    n_cal_seq: int
+    n_ho_seq: int
+    vocab_file: Path
+    hf_dir: Path | None
+    pi_out: Path | None
 
-    from .build import bin_path, vocab_path
+    @property
+    def n_cal(self) -> int:
+        return self.n_cal_seq * self.seq_len
 
-    t0 = time.time()
-    out = Path(out)
+
+def _check_job(out, preset: str, outtype: str, target: FiringTarget, seed: int, act: str, gate_rank,
+               calib_tokens, heldout_tokens, vocab: str, hparams: Hparams | None, hf_dir, pi_out) -> _Job:
+    """Every argument, before any work."""
+    from .build import vocab_path
+
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
     if act not in ("relu", "drelu"):
         raise ValueError(f"synthetic models are ReLU-family: act must be relu or drelu, not {act!r}")
     target.check()
     vocab_file = vocab_path(vocab)
-    hp = hparams or hparams_for(preset, act)
-    hp = replace(hp, act=act)
+    hp = replace(hparams or hparams_for(preset, act), act=act)
     if hp.n_embd % hp.n_head or hp.n_head % hp.n_head_kv or hp.head_dim % 2:
         raise ValueError(f"inconsistent heads: n_embd {hp.n_embd}, n_head {hp.n_head}, n_head_kv {hp.n_head_kv}")
     if pi_out is not None and outtype not in ("f32", "f16"):
@@ -254,279 +239,324 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     if outtype.startswith("q") and (hp.n_embd % 32 or hp.n_ff % 32):
         raise ValueError(f"{outtype} needs n_embd and n_ff divisible by 32 (got {hp.n_embd}, {hp.n_ff})")
     big = hp.n_embd >= 4096
-    calib_tokens = calib_tokens or (256 if big else 512)
-    heldout_tokens = heldout_tokens or (128 if big else 512)
-    gate_rank = gate_rank or max(8, hp.n_embd // 16)
     seq_len = 16  # many short sequences: tokens of one sequence share context, so fewer, longer ones calibrate worse
-    n_cal_seq = max(1, calib_tokens // seq_len)
-    n_ho_seq = max(1, heldout_tokens // seq_len)
+    return _Job(Path(out), preset, preset if hparams is None else "custom", outtype, target, seed, hp,
+                gate_rank or max(8, hp.n_embd // 16), seq_len,
+                max(1, (calib_tokens or (256 if big else 512)) // seq_len),
+                max(1, (heldout_tokens or (128 if big else 512)) // seq_len),
+                vocab_file, Path(hf_dir) if hf_dir is not None else None,
+                Path(pi_out) if pi_out is not None else None)
 
-    rng = np.random.default_rng(seed)
+
+def _write_synth_keys(w, job: _Job, ours: bool) -> None:
+    import gguf
+
+    K = fmt.Keys.Synth
+    fmt.write_llama_kv(w, job.hp, f"powerinfer-synth-{job.preset}")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if job.outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_uint32(fmt.Keys.FORMAT_VERSION, fmt.FORMAT_VERSION)
+    w.add_string(K.PRESET, job.name)
+    w.add_uint32(K.SEED, job.seed)
+    w.add_float32(K.FIRING_MEAN_TARGET, job.target.mean)
+    w.add_float32(K.HOT_SHARE_TARGET, job.target.hot_share)
+    w.add_float32(K.HOT_MASS_TARGET, job.target.hot_mass)
+    w.add_float32(K.FIRING_MEAN, -1.0)  # measured values are patched in at the end
+    w.add_float32(K.HOT_MASS, -1.0)
+    w.add_uint32(K.GATE_RANK, job.gate_rank)
+    w.add_uint32(K.BIAS_CHANNEL, BIAS_CHANNEL)
+    if ours:  # recall and precision measured, patched in
+        write_sparse_keys(w, "none", PRED_RECALL, [-1.0] * job.hp.n_layer, [-1.0] * job.hp.n_layer, job.n_cal)
+
+
+class _Writers:
+    """Where each generated tensor goes: the dense GGUF (and the HF checkpoint), our layout."""
+
+    def __init__(self, job: _Job, dense: Path, pi: Path | None, hf: Path | None):
+        store = "f32" if job.outtype == "f32" else "f16"  # q4_0/q8_0: F16 first, then llama-quantize
+        self.dense = GGUFOut(dense, "llama", store)
+        job.hp = replace(job.hp, n_vocab=_copy_vocab(self.dense.w, job.vocab_file))
+        _write_synth_keys(self.dense.w, job, False)
+        self.dense.begin(_tensor_plan(job.hp))
+        self.pi = GGUFOut(pi, "llama", store) if pi is not None else None
+        if self.pi is not None:
+            _copy_vocab(self.pi.w, job.vocab_file)
+            _write_synth_keys(self.pi.w, job, True)
+            self.pi.begin(sparse_plan(_tensor_plan(job.hp), [job.gate_rank + 1] * job.hp.n_layer))
+        self.hf = HFCheckpointWriter(hf, job.hp, job.vocab_file, job.outtype) if hf is not None else None
+
+    def put(self, name: str, arr: np.ndarray) -> None:
+        """A tensor of the dense model (and the HF checkpoint)."""
+        self.dense.put(name, arr)
+        if self.hf is not None:
+            self.hf.add(name, arr)
+
+    def both(self, name: str, arr: np.ndarray) -> None:
+        """A tensor our layout stores as the dense model does."""
+        self.put(name, arr)
+        if self.pi is not None:
+            self.pi.put(name, arr)
+
+    def close(self) -> None:
+        self.dense.close()
+        if self.pi is not None:
+            self.pi.close()
+        if self.hf is not None:
+            self.hf.finish()
+
+    def abandon(self) -> None:
+        self.dense.abandon()
+        if self.pi is not None:
+            self.pi.abandon()
+
+
+@dataclass
+class _LayerGate:
+    """A layer's gate as generated: low-rank signal A @ B plus noise, biases set by calibration."""
+
+    gate: np.ndarray     # [f, d], bias channel included
+    up: np.ndarray       # [f, d]
+    A: np.ndarray        # [f, rank]
+    B: np.ndarray        # [rank, d]
+    bias: np.ndarray     # [f]
+    rates: np.ndarray    # [f] planted gate firing rates (dReLU: before up's pass rate)
+    up_pass: np.ndarray | None  # [f] dReLU: share of tokens whose up value passes
+
+
+def _attention_layer(job: _Job, normal: NormalTable, xs: list[np.ndarray], ones: np.ndarray, wr: _Writers,
+                     il: int) -> None:
+    """Random attention weights, scaled so they add ATTN_OUT_RMS to the residual; applied to xs."""
+    hp, d = job.hp, job.hp.n_embd
+    b = f"blk.{il}."
+    wr.both(b + "attn_norm.weight", ones)
+    wq = normal((d, d), d ** -0.5)
+    wk = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
+    wv = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
+    wo = normal((d, d), d ** -0.5)
+    wo[BIAS_CHANNEL] = 0.0
+    att = attention_outputs(xs, ones, wq, wk, wv, wo, hp)
+    scale = ATTN_OUT_RMS / max(float(np.sqrt(np.mean(np.concatenate(att) ** 2))), 1e-6)
+    wo *= scale
+    for x, a in zip(xs, att):
+        x += a * scale
+    for name, arr in (("attn_q", wq), ("attn_k", wk), ("attn_v", wv), ("attn_output", wo)):
+        wr.both(b + name + ".weight", arr)
+    wr.both(b + "ffn_norm.weight", ones)
+
+
+def _calibrated_biases(s: np.ndarray, u: np.ndarray, p_j: np.ndarray) -> np.ndarray:
+    """b_j such that neuron j fires (s + b*u > 0, u > 0) with probability p_j on a new token.
+
+    fire iff s/u > -b: b_j = -quantile(s_j/u, 1 - p_j). The threshold is the order statistic
+    X_(k) (1-based) with k = (n + 1)(1 - p): a new token exceeds it with probability
+    (n + 1 - k)/(n + 1) = p exactly, where the plain sample quantile would overshoot cold
+    neurons' rates by ~1/n (60% at n = 128, p = 1%)."""
+    n, f = s.shape
+    ratio = np.sort(s / u, axis=0)
+    pos_ = np.clip((n + 1) * (1 - p_j) - 1, 0, n - 1)  # 0-based, fractional
+    lo_i = np.floor(pos_).astype(int)
+    hi_i = np.minimum(lo_i + 1, n - 1)
+    frac = (pos_ - lo_i).astype(np.float32)
+    cols = np.arange(f)
+    bias = -((1 - frac) * ratio[lo_i, cols] + frac * ratio[hi_i, cols])
+    on, off = p_j >= 1, p_j <= 0
+    bias[on] = -ratio[0, on] + 1.0       # always on
+    bias[off] = -ratio[-1, off] - 1.0    # never on
+    return bias
+
+
+def _gate_layer(job: _Job, normal: NormalTable, rng: np.random.Generator, rates: np.ndarray,
+                cal: np.ndarray) -> _LayerGate:
+    """Gate (low-rank signal of unit variance on the FFN input, plus a little full-rank noise) and
+    up; each neuron's bias set on the calibration tokens ``cal`` for its planted rate."""
+    d, f, r = job.hp.n_embd, job.hp.n_ff, job.gate_rank
+    A = normal((f, r))
+    B = normal((r, d), (r * d) ** -0.5)
+    gate = A @ B
+    gate += normal((f, d), (GATE_NOISE / d) ** 0.5)
+    gate[:, BIAS_CHANNEL] = 0.0
+    up = normal((f, d), d ** -0.5)
+    drelu = job.hp.act == "drelu"
+    if drelu:
+        # dReLU also zeroes neurons whose up is negative: give up its own bias so that about 70%
+        # of up values pass, and calibrate the gate for the rest.
+        up[:, BIAS_CHANNEL] = 0.5
+    p_j = rng.permutation(rates)           # hot neurons scattered over indices
+    up_pass = np.clip(((cal @ up.T) > 0).mean(axis=0), 1e-3, 1.0) if drelu else None
+    if drelu:
+        p_j = np.clip(p_j / up_pass, 0, 1)
+    bias = _calibrated_biases(cal @ gate.T, cal[:, BIAS_CHANNEL:BIAS_CHANNEL + 1], p_j)
+    gate[:, BIAS_CHANNEL] = bias
+    return _LayerGate(gate, up, A, B, bias, p_j, up_pass)
+
+
+def _down_layer(job: _Job, normal: NormalTable, hs: list[np.ndarray]) -> np.ndarray:
+    """Random down projection, scaled so the FFN adds FFN_OUT_RMS on the calibration tokens."""
+    d, f = job.hp.n_embd, job.hp.n_ff
+    down = normal((d, f), 1.0)
+    down[BIAS_CHANNEL] = 0.0
+    ffo = np.concatenate(hs)[: job.n_cal] @ down.T
+    down *= FFN_OUT_RMS / max(float(np.sqrt(np.mean(ffo ** 2))), 1e-6)
+    return down
+
+
+def _pi_layer(job: _Job, wr: _Writers, il: int, g: _LayerGate, down: np.ndarray, cal: np.ndarray,
+              heldout: np.ndarray, fired: np.ndarray) -> tuple[float, float]:
+    """Our layout of the layer: rows hot to cold by planted rate; as predictor the gate's low-rank
+    signal and bias (score = A (B x) + bias x_0), thresholded at -PRED_Z sd of the noise it does
+    not see. Returns the predictor's recall and precision on the held-out tokens."""
+    d, f = job.hp.n_embd, job.hp.n_ff
+    fc1 = np.concatenate([g.B, np.eye(1, d, BIAS_CHANNEL, dtype=np.float32)])  # [rank, d]
+    fc2 = np.concatenate([g.A, g.bias[:, None].astype(np.float32)], axis=1)   # [f, rank]
+    noise_sd = float(np.std(cal @ g.gate.T - (cal @ fc1.T) @ fc2.T))
+    freq = (g.rates * g.up_pass if g.up_pass is not None else g.rates).astype(np.float32)
+    order = np.argsort(-freq, kind="stable")
+    threshold = np.full(f, -PRED_Z * noise_sd, dtype=np.float32)
+    pred = ((heldout @ fc1.T) @ fc2.T) > threshold
+    both_on = (pred & fired).sum()
+    b = f"blk.{il}."
+    wr.pi.put(b + "ffn_gate.weight", g.gate[order])
+    wr.pi.put(b + "ffn_up.weight", g.up[order])
+    wr.pi.put_sparse_ffn_down(il, down[:, order], fc1, fc2[order], threshold[order], freq[order])
+    return float(both_on / max(1, fired.sum())), float(both_on / max(1, pred.sum()))
+
+
+def _ffn_layer(job: _Job, normal: NormalTable, rng: np.random.Generator, rates: np.ndarray,
+               xs: list[np.ndarray], ones: np.ndarray, wr: _Writers, il: int) -> tuple[np.ndarray, tuple | None]:
+    """The layer's FFN, generated for its planted rates and applied to xs; returns the held-out
+    tokens' firing masks and (our layout) the predictor's recall and precision."""
+    xn = [rms_norm(x, ones, job.hp.rms_eps) for x in xs]
+    cal = np.concatenate(xn[:job.n_cal_seq])
+    g = _gate_layer(job, normal, rng, rates, cal)
+    # per sequence, as generated from the start: the bytes of every output depend on it
+    hs = [ffn_activation(x, g.gate, g.up, job.hp.act).hidden for x in xn]
+    down = _down_layer(job, normal, hs)
+    fired = np.concatenate(hs)[job.n_cal:] != 0
+    for x, h in zip(xs, hs):
+        x += h @ down.T
+    pi_q = _pi_layer(job, wr, il, g, down, cal, np.concatenate(xn[job.n_cal_seq:]), fired) \
+        if wr.pi is not None else None
+    b = f"blk.{il}."
+    wr.put(b + "ffn_gate.weight", g.gate)
+    wr.put(b + "ffn_up.weight", g.up)
+    wr.put(b + "ffn_down.weight", down)
+    return fired, pi_q
+
+
+def _generate(job: _Job, wr: _Writers, progress: bool) -> tuple[FiringProfile, list, list]:
+    """Every tensor, in file order, generated layer by layer on the calibration and held-out
+    tokens; returns the held-out firing profile and (our layout) each layer's recall and precision."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(job.seed)
     normal = NormalTable(rng)
-    rates = power_law_rates(hp.n_ff, target)
+    rates = power_law_rates(job.hp.n_ff, job.target)
+    hp = job.hp
+    emb = normal((hp.n_vocab, hp.n_embd))
+    emb[:, BIAS_CHANNEL] = 1.0
+    wr.both("token_embd.weight", emb)
+    # Random token sequences: calibration sets the biases, held-out ones measure the result.
+    toks = rng.integers(3, hp.n_vocab, size=(job.n_cal_seq + job.n_ho_seq, job.seq_len))
+    xs = [emb[t].copy() for t in toks]
+    del emb
+    ones = np.ones(hp.n_embd, dtype=np.float32)
+    means, hots, recall, precision = [], [], [], []
+    bar = tqdm(range(hp.n_layer), desc=f"synth {job.name}", unit="layer", disable=not progress)
+    for il in bar:
+        _attention_layer(job, normal, xs, ones, wr, il)
+        fired, pi_q = _ffn_layer(job, normal, rng, rates, xs, ones, wr, il)
+        means.append(float(fired.mean()))
+        hots.append(hot_mass_of(fired.sum(axis=0), job.target.hot_share))
+        if pi_q is not None:
+            recall.append(pi_q[0])
+            precision.append(pi_q[1])
+        bar.set_postfix(firing=f"{means[-1]:.3f}")
+    wr.both("output_norm.weight", ones)
+    wr.both("output.weight", normal((hp.n_vocab, hp.n_embd), hp.n_embd ** -0.5))
+    return FiringProfile(means, hots, job.target.hot_share, job.n_ho_seq * job.seq_len), recall, precision
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    f16_path = out if outtype in ("f32", "f16") else out.with_name(out.name + ".f16.tmp")
-    tmp = f16_path.with_name(f16_path.name + ".part")
-    hf: HFCheckpointWriter | None = None
-    pi_path = Path(pi_out) if pi_out is not None else None
-    pi_tmp = pi_path.with_name(pi_path.name + ".part") if pi_path is not None else None
-    pw = None
-    try:
-        w = gguf.GGUFWriter(tmp, "llama")
-        n_vocab = _copy_vocab(w, vocab_file)
-        hp = replace(hp, n_vocab=n_vocab)
-        if hf_dir is not None:
-            hf = HFCheckpointWriter(Path(hf_dir), hp, vocab_file, outtype)
-        K = fmt.Keys.Synth
 
-        def header(wr, ours: bool) -> None:
-            fmt.write_llama_kv(wr, hp, f"powerinfer-synth-{preset}")
-            wr.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-            wr.add_uint32(fmt.Keys.FORMAT_VERSION, fmt.FORMAT_VERSION)
-            wr.add_string(K.PRESET, preset if hparams is None else "custom")
-            wr.add_uint32(K.SEED, seed)
-            wr.add_float32(K.FIRING_MEAN_TARGET, target.mean)
-            wr.add_float32(K.HOT_SHARE_TARGET, target.hot_share)
-            wr.add_float32(K.HOT_MASS_TARGET, target.hot_mass)
-            wr.add_float32(K.FIRING_MEAN, -1.0)  # measured values are patched in at the end
-            wr.add_float32(K.HOT_MASS, -1.0)
-            wr.add_uint32(K.GATE_RANK, gate_rank)
-            wr.add_uint32(K.BIAS_CHANNEL, BIAS_CHANNEL)
-            if ours:
-                P = fmt.Keys
-                wr.add_bool(P.SPARSE, True)
-                wr.add_string(P.FFN_DOWN_LAYOUT, "neuron_rows")
-                wr.add_string(P.PREDICTOR_ACT, "none")
-                wr.add_float32(P.PREDICTOR_RECALL_TARGET, PRED_RECALL)
-                wr.add_array(P.PREDICTOR_RECALL, [-1.0] * hp.n_layer)     # measured, patched in
-                wr.add_array(P.PREDICTOR_PRECISION, [-1.0] * hp.n_layer)
-                wr.add_uint32(P.CALIB_TOKENS, n_cal_seq * seq_len)
+def _patch_measured(path: Path, values: dict[str, float | list[float]]) -> None:
+    """Measured values into a written header: fixed-size float32 fields (scalars or arrays), in place."""
+    import gguf
 
-        def begin(wr, tensors) -> None:
-            for name, shape in tensors:
-                dt = _store_dtype(name, shape, outtype)
-                wr.add_tensor_info(name, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
-            wr.write_header_to_file()
-            wr.write_kv_data_to_file()
-            wr.write_ti_data_to_file()
+    reader = gguf.GGUFReader(path, "r+")
+    for key, val in values.items():
+        field = reader.fields[key]
+        for idx, v in zip(field.data, val if isinstance(val, list) else [val]):
+            field.parts[idx][0] = v
+    reader.data.flush() if hasattr(reader.data, "flush") else None
+    del reader
 
-        header(w, False)
-        plan = _tensor_plan(hp)
-        begin(w, plan)
-        pi_plan = _pi_tensor_plan(hp, gate_rank + 1) if pi_path is not None else []
-        if pi_path is not None:
-            pw = gguf.GGUFWriter(pi_tmp, "llama")
-            _copy_vocab(pw, vocab_file)
-            header(pw, True)
-            begin(pw, pi_plan)
-        pi_recall: list[float] = []
-        pi_precision: list[float] = []
 
-        def put(name: str, arr: np.ndarray) -> None:
-            expect_name, expect_shape = plan[len(put_order)]
-            assert name == expect_name and arr.shape == expect_shape, (name, arr.shape, expect_name)
-            w.write_tensor_data(np.ascontiguousarray(arr, dtype=_store_dtype(name, arr.shape, outtype)))
-            put_order.append(name)
-            if hf is not None:
-                hf.add(name, arr)
+def _hf_names() -> re.Pattern:
+    """What HFCheckpointWriter writes into its folder (what --force may replace)."""
+    return re.compile(r"config\.json|tokenizer\.model|tokenizer_config\.json|model\.safetensors\.index\.json"
+                      r"|model-\d{5}-of-\d{5}\.safetensors")
 
-        put_order: list[str] = []
-        pi_order: list[str] = []
 
-        def pi_put(name: str, arr: np.ndarray) -> None:
-            if pw is None:
-                return
-            expect_name, expect_shape = pi_plan[len(pi_order)]
-            assert name == expect_name and arr.shape == expect_shape, (name, arr.shape, expect_name)
-            pw.write_tensor_data(np.ascontiguousarray(arr, dtype=_store_dtype(name, arr.shape, outtype)))
-            pi_order.append(name)
+def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "f16",
+               target: FiringTarget = FiringTarget(), seed: int = 0, act: str = "relu",
+               gate_rank: int | None = None, calib_tokens: int | None = None,
+               heldout_tokens: int | None = None, vocab: str = "llama-spm",
+               hparams: Hparams | None = None, hf_dir: str | os.PathLike | None = None,
+               pi_out: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True) -> SynthResult:
+    """Write a synthetic model GGUF (and optionally an HF checkpoint of the same weights).
 
-        def both(name: str, arr: np.ndarray) -> None:
-            put(name, arr)
-            pi_put(name, arr)
+    ``pi_out``: also write our sparse layout of the same weights (what pi-convert would make of
+    the HF checkpoint), in the same pass: neurons ranked by their planted firing rates, down
+    stored row per neuron, and as predictor the generator's own low-rank gate signal (the gate
+    minus its full-rank noise) with a threshold at -PRED_Z noise deviations, measured on held-out
+    tokens like pi-convert's. Minutes instead of pi-convert's ~20 at 7B: device-sized runs.
+    Outputs appear whole or not at all; an existing one is replaced only with ``force``."""
+    from .build import bin_path
 
-        d, f = hp.n_embd, hp.n_ff
-        emb = normal((hp.n_vocab, d))
-        emb[:, BIAS_CHANNEL] = 1.0
-        both("token_embd.weight", emb)
-        # Random token sequences: calibration sets the biases, held-out ones measure the result.
-        toks = rng.integers(3, hp.n_vocab, size=(n_cal_seq + n_ho_seq, seq_len))
-        xs = [emb[t].copy() for t in toks]
-        del emb
-        pos = np.arange(seq_len)
-        ones = np.ones(d, dtype=np.float32)
-        per_layer_mean, per_layer_hot = [], []
-        bar = tqdm(range(hp.n_layer), desc=f"synth {preset}", unit="layer", disable=not progress)
-        for il in bar:
-            b = f"blk.{il}."
-            both(b + "attn_norm.weight", ones)
-            wq = normal((d, d), d ** -0.5)
-            wk = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
-            wv = normal((hp.n_head_kv * hp.head_dim, d), d ** -0.5)
-            wo = normal((d, d), d ** -0.5)
-            wo[BIAS_CHANNEL] = 0.0
-            att = [attention(rms_norm(x, ones, hp.rms_eps), wq, wk, wv, wo, hp, pos) for x in xs]
-            scale = ATTN_OUT_RMS / max(float(np.sqrt(np.mean(np.concatenate(att) ** 2))), 1e-6)
-            wo *= scale
-            for x, a in zip(xs, att):
-                x += a * scale
-            del att
-            for name, arr in (("attn_q", wq), ("attn_k", wk), ("attn_v", wv), ("attn_output", wo)):
-                both(b + name + ".weight", arr)
-            del wq, wk, wv, wo
-            both(b + "ffn_norm.weight", ones)
-
-            xn = [rms_norm(x, ones, hp.rms_eps) for x in xs]
-            # Gate: low-rank signal (unit variance on the FFN input) plus a little full-rank noise.
-            A = normal((f, gate_rank))
-            B = normal((gate_rank, d), (gate_rank * d) ** -0.5)
-            gate = A @ B
-            if pw is None:
-                del A, B
-            gate += normal((f, d), (GATE_NOISE / d) ** 0.5)
-            gate[:, BIAS_CHANNEL] = 0.0
-            up = normal((f, d), d ** -0.5)
-            if act == "drelu":
-                # dReLU also zeroes neurons whose up is negative: give up its own bias so that
-                # about 70% of up values pass, and calibrate the gate for the rest.
-                up[:, BIAS_CHANNEL] = 0.5
-            cal = np.concatenate(xn[:n_cal_seq])
-            s = cal @ gate.T                       # [T, f], without the bias term
-            u = cal[:, BIAS_CHANNEL:BIAS_CHANNEL + 1]  # [T, 1], > 0
-            p_j = rng.permutation(rates)           # hot neurons scattered over indices
-            if act == "drelu":
-                up_pass = np.clip(((cal @ up.T) > 0).mean(axis=0), 1e-3, 1.0)
-                p_j = np.clip(p_j / up_pass, 0, 1)
-            # fire iff s + b*u > 0 iff s/u > -b: b_j = -quantile(s_j/u, 1 - p_j). The threshold
-            # is the order statistic X_(k) (1-based) with k = (n + 1)(1 - p): a new token exceeds
-            # it with probability (n + 1 - k)/(n + 1) = p exactly, where the plain sample quantile
-            # would overshoot cold neurons' rates by ~1/n (60% at n = 128, p = 1%).
-            n = len(cal)
-            ratio = np.sort(s / u, axis=0)
-            pos_ = np.clip((n + 1) * (1 - p_j) - 1, 0, n - 1)  # 0-based, fractional
-            lo_i = np.floor(pos_).astype(int)
-            hi_i = np.minimum(lo_i + 1, n - 1)
-            frac = (pos_ - lo_i).astype(np.float32)
-            cols = np.arange(f)
-            bias = -((1 - frac) * ratio[lo_i, cols] + frac * ratio[hi_i, cols])
-            on, off = p_j >= 1, p_j <= 0
-            bias[on] = -ratio[0, on] + 1.0       # always on
-            bias[off] = -ratio[-1, off] - 1.0    # never on
-            gate[:, BIAS_CHANNEL] = bias
-            if pw is not None:
-                # predictor = the gate's low-rank signal and bias: score = A (B x) + bias x_0
-                fc1 = np.concatenate([B, np.eye(1, d, BIAS_CHANNEL, dtype=np.float32)])  # [rank, d]
-                fc2 = np.concatenate([A, bias[:, None].astype(np.float32)], axis=1)      # [f, rank]
-                noise_sd = float(np.std(cal @ gate.T - (cal @ fc1.T) @ fc2.T))
-                del A, B
-            del s, ratio, cal
-
-            down = normal((d, f), 1.0)
-            down[BIAS_CHANNEL] = 0.0
-            hs = [np.maximum(x @ gate.T, 0) * (np.maximum(x @ up.T, 0) if act == "drelu" else x @ up.T)
-                  for x in xn]
-            hcat = np.concatenate(hs)
-            ffo = hcat[: n_cal_seq * seq_len] @ down.T
-            down *= FFN_OUT_RMS / max(float(np.sqrt(np.mean(ffo ** 2))), 1e-6)
-            held = hcat[n_cal_seq * seq_len:] != 0
-            counts = held.sum(axis=0)
-            per_layer_mean.append(float(held.mean()))
-            per_layer_hot.append(hot_mass_of(counts, target.hot_share))
-            for x, h in zip(xs, hs):
-                x += h @ down.T
-            if pw is not None:
-                # rows hot-to-cold by planted rate (dReLU: the gate rate times up's pass rate)
-                freq = (p_j * up_pass if act == "drelu" else p_j).astype(np.float32)
-                order = np.argsort(-freq, kind="stable")
-                threshold = np.full(f, -PRED_Z * noise_sd, dtype=np.float32)
-                ho = np.concatenate(xn[n_cal_seq:])
-                pred = ((ho @ fc1.T) @ fc2.T) > threshold
-                both_on = (pred & held).sum()
-                pi_recall.append(float(both_on / max(1, held.sum())))
-                pi_precision.append(float(both_on / max(1, pred.sum())))
-                pi_put(b + "ffn_gate.weight", gate[order])
-                pi_put(b + "ffn_up.weight", up[order])
-                pi_put(fmt.Tensors.FFN_DOWN_T.format(il), down.T[order])
-                pi_put(fmt.Tensors.PRED_FC1.format(il), fc1)
-                pi_put(fmt.Tensors.PRED_FC2.format(il), fc2[order])
-                pi_put(fmt.Tensors.PRED_THRESHOLD.format(il), threshold[order])
-                pi_put(fmt.Tensors.NEURON_FREQ.format(il), freq[order])
-                del fc1, fc2, ho, pred
-            del hs, hcat, ffo, xn
-            put(b + "ffn_gate.weight", gate)
-            put(b + "ffn_up.weight", up)
-            put(b + "ffn_down.weight", down)
-            del gate, up, down
-            bar.set_postfix(firing=f"{per_layer_mean[-1]:.3f}")
-        both("output_norm.weight", ones)
-        both("output.weight", normal((hp.n_vocab, d), d ** -0.5))
-        w.close()
-        if pw is not None:
-            pw.close()
-
-        profile = FiringProfile(per_layer_mean, per_layer_hot, target.hot_share, n_ho_seq * seq_len)
-        # Measured values into the header (fixed-size float32 fields, in place).
-        reader = gguf.GGUFReader(tmp, "r+")
-        for key, val in ((K.FIRING_MEAN, profile.mean), (K.HOT_MASS, profile.hot_mass)):
-            field = reader.fields[key]
-            field.parts[field.data[0]][0] = val
-        reader.data.flush() if hasattr(reader.data, "flush") else None
-        del reader
-        if pi_tmp is not None:
-            reader = gguf.GGUFReader(pi_tmp, "r+")
-            for key, val in ((K.FIRING_MEAN, profile.mean), (K.HOT_MASS, profile.hot_mass)):
-                field = reader.fields[key]
-                field.parts[field.data[0]][0] = val
-            for key, vals in ((fmt.Keys.PREDICTOR_RECALL, pi_recall), (fmt.Keys.PREDICTOR_PRECISION, pi_precision)):
-                field = reader.fields[key]
-                for idx, v in zip(field.data, vals):
-                    field.parts[idx][0] = v
-            reader.data.flush() if hasattr(reader.data, "flush") else None
-            del reader
-            os.replace(pi_tmp, pi_path)
-        os.replace(tmp, f16_path)
-        if f16_path != out:
-            quantize_file(bin_path("stock", "llama-quantize"), f16_path, out, outtype)
-            f16_path.unlink()
-        if hf is not None:
-            hf.finish()
-    except BaseException:
-        if hf is not None:
-            hf.abort()
-        for p in (tmp, f16_path if f16_path != out else None, pi_tmp, pi_path):
-            if p is not None and Path(p).exists():
-                Path(p).unlink()
-        raise
-    return SynthResult(out, hp, profile, time.time() - t0, out.stat().st_size)
+    t0 = time.time()
+    job = _check_job(out, preset, outtype, target, seed, act, gate_rank, calib_tokens, heldout_tokens,
+                     vocab, hparams, hf_dir, pi_out)
+    check_outputs([job.out, job.pi_out], [job.vocab_file], force=force, make_parents=True,
+                  folders={job.hf_dir: _hf_names()} if job.hf_dir else None)
+    quantize_bin = bin_path("stock", "llama-quantize") if outtype.startswith("q") else None
+    with staged() as st:
+        final = st.file(job.out)
+        dense = st.temp(job.out) if quantize_bin else final
+        pi = st.file(job.pi_out) if job.pi_out else None
+        wr = _Writers(job, dense, pi, st.folder(job.hf_dir) if job.hf_dir else None)
+        try:
+            profile, recall, precision = _generate(job, wr, progress)
+            wr.close()
+        except BaseException:
+            wr.abandon()
+            raise
+        K = fmt.Keys
+        measured = {K.Synth.FIRING_MEAN: profile.mean, K.Synth.HOT_MASS: profile.hot_mass}
+        _patch_measured(dense, measured)
+        if pi is not None:
+            _patch_measured(pi, {**measured, K.PREDICTOR_RECALL: recall, K.PREDICTOR_PRECISION: precision})
+        if quantize_bin:
+            quantize_file(quantize_bin, dense, final, outtype)
+        st.commit()
+    return SynthResult(job.out, job.hp, profile, time.time() - t0, job.out.stat().st_size)
 
 
 def quantize_file(quantize_bin: Path, src: Path, dst: Path, outtype: str, threads: int | None = None) -> None:
-    """llama-quantize src -> dst (atomically: a failure leaves no dst)."""
-    tmp = dst.with_name(dst.name + ".part")
-    cmd = [str(quantize_bin), str(src), str(tmp), outtype.upper(), str(threads or os.cpu_count() or 2)]
+    """llama-quantize src -> dst (the caller's temporary file)."""
+    cmd = [str(quantize_bin), str(src), str(dst), outtype.upper(), str(threads or os.cpu_count() or 2)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
         raise RuntimeError(f"llama-quantize {outtype} failed: {tail[0]}")
-    os.replace(tmp, dst)
 
 
 class HFCheckpointWriter:
     """The same weights as a Hugging Face LLaMA checkpoint (config.json, safetensors shards with
-    their index, tokenizer.model + tokenizer_config.json), streamed: one shard per layer (plus
-    one for the embeddings and one for the head), so a 70B shape writes in a layer's memory.
-    The folder appears only when complete (written as <dest>.part, then renamed)."""
+    their index, tokenizer.model + tokenizer_config.json), streamed into ``folder`` (the caller's
+    temporary folder): one shard per layer (plus one for the embeddings and one for the head), so
+    a 70B shape writes in a layer's memory."""
 
-    def __init__(self, dest: Path, hp: Hparams, vocab_file: Path, outtype: str):
-        import shutil
-
-        self.dest, self.hp, self.vocab_file = Path(dest), hp, vocab_file
+    def __init__(self, folder: Path, hp: Hparams, vocab_file: Path, outtype: str):
+        self.dir, self.hp, self.vocab_file = Path(folder), hp, vocab_file
         self.dtype = np.float32 if outtype == "f32" else np.float16
-        self.tmp = self.dest.with_name(self.dest.name + ".part")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
         self.pending: dict[str, np.ndarray] = {}
         self.weight_map: dict[str, str] = {}
         self.n_shards = hp.n_layer + 2
@@ -546,19 +576,17 @@ class HFCheckpointWriter:
         from safetensors.numpy import save_file
 
         shard = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.n_shards:05d}.safetensors"
-        save_file(self.pending, str(self.tmp / shard), metadata={"format": "pt"})
+        save_file(self.pending, str(self.dir / shard), metadata={"format": "pt"})
         self.weight_map.update({k: shard for k in self.pending})
         self.pending = {}
 
     def finish(self) -> None:
-        import shutil
-
         from .hf import write_sentencepiece_model
 
         if self.pending:
             self.flush()
         hp = self.hp
-        (self.tmp / "model.safetensors.index.json").write_text(
+        (self.dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=1) + "\n")
         config = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -570,16 +598,8 @@ class HFCheckpointWriter:
             "torch_dtype": "float32" if self.dtype == np.float32 else "float16",
             "bos_token_id": 1, "eos_token_id": 2,
         }
-        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_sentencepiece_model(self.vocab_file, self.tmp / "tokenizer.model")
-        (self.tmp / "tokenizer_config.json").write_text(json.dumps({
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_sentencepiece_model(self.vocab_file, self.dir / "tokenizer.model")
+        (self.dir / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
-        if self.dest.exists():
-            shutil.rmtree(self.dest)
-        os.replace(self.tmp, self.dest)
-
-    def abort(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.tmp, ignore_errors=True)

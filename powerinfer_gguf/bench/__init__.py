@@ -10,13 +10,13 @@ budgets, are model_file's.
 from ..model_file import GiB, ModelSizes, SparseProfile, parse_size
 from .profile import DecodeProfile, SparseQuality, profile_decode, sparse_quality
 from .record import BenchResult, Placement, SideResult, load_results
-from .render import (check_output, render_plot, render_sweep_plot, render_sweep_table, render_table,
+from .render import (render_plot, render_sweep_plot, render_sweep_table, render_table,
                      write_json, write_sweep_json)
 from .runner import llama_bench_once, planned_placement, run_bench, run_sweep
 from .stock import Offload, OverridePlan, compute_buffer_estimate, stock_offload, stock_override
 
 __all__ = ["BenchResult", "DecodeProfile", "GiB", "ModelSizes", "Offload", "OverridePlan", "Placement",
-           "SideResult", "SparseProfile", "SparseQuality", "check_output", "compute_buffer_estimate",
+           "SideResult", "SparseProfile", "SparseQuality", "compute_buffer_estimate",
            "llama_bench_once", "load_results", "planned_placement", "parse_size", "profile_decode",
            "render_plot", "render_sweep_plot", "render_sweep_table", "render_table", "run_bench",
            "run_sweep", "sparse_quality", "stock_offload", "stock_override", "write_json",

@@ -1,30 +1,14 @@
 """Renderings of a pi-bench result (llama-bench's printer per format): the table, the sweep
-table, the plots and the JSON files; and the check, before any run, that each output can be written."""
+table, the plots and the JSON files, each written whole or not at all (outputs.staged)."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..model_file import CPU_READ_GBPS, GPU_READ_GBPS, GiB
+from ..outputs import staged
 from .record import BenchResult
-
-
-def check_output(path: str | os.PathLike, inputs: list) -> None:
-    """ValueError unless ``path`` can be written as a new or replaced file: its folder exists and
-    is writable, it is not a folder, and it is none of ``inputs`` (the model files read)."""
-    p = Path(path)
-    folder = p.parent
-    if p.is_dir():
-        raise ValueError(f"{path}: is a folder; give a file name")
-    if not folder.is_dir():
-        raise ValueError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: folder {folder} is not writable")
-    for inp in inputs:
-        if inp is not None and p.exists() and os.path.samefile(p, inp):
-            raise ValueError(f"{path}: is the input {inp}; give another output name")
 
 
 def render_table(res: BenchResult) -> str:
@@ -126,20 +110,12 @@ def render_sweep_plot(results: list[BenchResult], path: str | os.PathLike) -> No
 
 
 def _write_whole(path: str | os.PathLike, write) -> None:
-    """No half-written file: ``write(file)`` into a fresh temporary file beside ``path`` (a name
-    nobody else has), then renamed over it."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """No half-written file: ``write(file)`` into a staged temporary beside ``path``, then moved in."""
+    with staged() as st:
+        tmp = st.file(Path(path))
+        with open(tmp, "wb") as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain write would give
-        os.replace(tmp, p)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        st.commit()
 
 
 def _write_json(obj, path: str | os.PathLike) -> None:
