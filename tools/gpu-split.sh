@@ -54,7 +54,7 @@ prep)
     python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
     el "builds done (rc $?)"; tail -3 "$OUT/build.log"
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
-    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 4 --outtype f16 --pi /tmp/chk.pi.gguf \
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 4 --outtype f16 --pi /tmp/chk.pi.gguf --force \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
@@ -120,7 +120,7 @@ recheck)
     # with split layers (budgets 55/70/85%) and the three budgets
     python3 -m powerinfer_gguf.build setup --no-python --only patched -j 16 > "$OUT/build.log" 2>&1
     el "patched build done (rc $?)"; tail -2 "$OUT/build.log"
-    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf \
+    python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 8 --outtype f16 --pi /tmp/chk.pi.gguf --force \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
