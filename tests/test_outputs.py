@@ -210,6 +210,12 @@ def test_interrupted_convert_leaves_no_file(tmp_path, tiny_model, sig):
         finally:
             if p.poll() is None:
                 p.kill()
+        if p.returncode == 0 and sorted(f.name for f in out.iterdir()) == ["o.gguf", "t.gguf"]:
+            # the signal was taken only after the last rename (seen once on a loaded machine):
+            # whole outputs, as the rule asks; try again for a signal that lands mid-write
+            for f in out.iterdir():
+                f.unlink()
+            continue
         assert p.returncode != 0, err
         assert "Traceback" not in err
         assert list(out.iterdir()) == []
