@@ -247,8 +247,6 @@ class Checkpoint:
         self.files += [p for p in (self.dir / n for n in _TOKENIZER_FILES) if p.is_file()]
 
     def _open_weights(self) -> None:
-        import json as _json
-
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():

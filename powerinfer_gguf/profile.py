@@ -8,7 +8,6 @@ the true active masks of every token; it keeps what it needs (frequencies, predi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
