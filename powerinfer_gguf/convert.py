@@ -408,15 +408,6 @@ def convert(hf_dir: str | os.PathLike, output: str | os.PathLike, *, calib: str 
     return report
 
 
-# Prompts through the sparse FFN pay per-token dot products on every predicted row. Measured
-# (docs/NOTES.md, 2 threads): with predictors selecting ~12% of rows (synthetic 3B) the sparse path
-# beats stock 1.4-1.55x at every ubatch size from 8 to 512 tokens; selecting ~52% (a small trained
-# ReLU model), it wins up to 16 tokens and loses from 32 on. A file whose predictors select more
-# than WEAK_PREDICTOR_SHARE of the rows therefore carries a cap on the sparse ubatch size.
-WEAK_PREDICTOR_SHARE = 0.3
-WEAK_PREDICTOR_MAX_TOKENS = 16
-
-
 def _write_our_kv(w, report: ConvertReport, recall: float, predictors: list) -> None:
     K = fmt.Keys
     w.add_uint32(K.FORMAT_VERSION, fmt.FORMAT_VERSION)
@@ -425,6 +416,3 @@ def _write_our_kv(w, report: ConvertReport, recall: float, predictors: list) -> 
         return
     write_sparse_keys(w, predictors[0].act, recall, [r.recall for r in report.layers],
                       [r.precision for r in report.layers], report.calib_tokens)
-    predicted = float(np.mean([r.predicted for r in report.layers]))
-    if predicted > WEAK_PREDICTOR_SHARE:
-        w.add_uint32(K.Runtime.SPARSE_MAX_TOKENS, WEAK_PREDICTOR_MAX_TOKENS)

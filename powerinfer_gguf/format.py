@@ -26,12 +26,11 @@ class Keys:
     STOCK_TWIN = f"{NAMESPACE}.stock_twin"          # str, only in a --stock twin: what it is
 
     class Runtime:
-        """Run-time switches, given as kv overrides at load; a file may carry them too (pi-convert
-        writes SPARSE_MAX_TOKENS into files with weak predictors). Read by csrc/src/llama-powerinfer-load.cpp."""
+        """Run-time switches, given as kv overrides at load; a file may carry them too. Read by csrc/src/llama-powerinfer-load.cpp."""
 
         SPARSE = f"{NAMESPACE}.runtime.sparse"                    # bool, default true: sparse decode FFN
         ALL_ACTIVE = f"{NAMESPACE}.runtime.all_active"            # bool, default false: every neuron computed
-        SPARSE_MAX_TOKENS = f"{NAMESPACE}.runtime.sparse_max_tokens"  # int, default all: ubatch size limit
+        FFN_WAY = f"{NAMESPACE}.runtime.ffn_way"                  # str, one of FFN_WAYS, default "auto"
         # placement (csrc/src/llama-powerinfer-placement.cpp): never in files, only kv overrides
         VRAM_BUDGET = f"{NAMESPACE}.runtime.vram_budget"          # int bytes; -1 = auto; absent = -ngl as given
         VRAM_CTX = f"{NAMESPACE}.runtime.vram_ctx"                # int, tokens the KV reserve is sized for
@@ -39,7 +38,7 @@ class Keys:
         VRAM_RESERVE = f"{NAMESPACE}.runtime.vram_reserve"        # int bytes for compute buffers (default: estimate)
         SPLIT_COST_US = f"{NAMESPACE}.runtime.split_cost_us"      # int, a split layer's hand-off cost (default 70)
         PLAN_WITHOUT_GPU = f"{NAMESPACE}.runtime.plan_without_gpu"  # bool, tests: plan a budget with no GPU
-        ROWS_PINNED = f"{NAMESPACE}.runtime.rows_pinned"          # bool, default false: CPU rows in pinned memory
+        ROWS_PINNED = f"{NAMESPACE}.runtime.rows_pinned"          # bool, default true: CPU rows in a GPU's pinned memory
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""
@@ -64,6 +63,9 @@ ACTIVATIONS = {
     "drelu": "drelu",  # dReLU: relu(gate) * relu(up) (TurboSparse)
     "silu": "silu",    # SwiGLU: dense
 }
+
+# How each part of a sparse FFN may run (Keys.Runtime.FFN_WAY; csrc enum llama_pi_way, same order).
+FFN_WAYS = ("auto", "pairs", "tiles", "dense")
 
 
 class Tensors:

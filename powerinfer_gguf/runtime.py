@@ -56,7 +56,7 @@ class _LayerStatsC(ctypes.Structure):
     # include/llama-powerinfer.h: struct llama_pi_layer_stats
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("n_evals", "n_tokens", "n_rows", "n_predicted", "n_fired",
-                 "cpu_bytes", "cpu_ns", "cpu_threads")]
+                 "cpu_bytes", "cpu_ns", "cpu_threads", "cpu_evals_tiles")]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class LayerStats:
                           # (decode: rows read from memory; rows on the GPU not counted)
     cpu_ns: int = 0       # wall time in the CPU kernel
     cpu_threads: int = 0  # threads of its last evaluation (0: the CPU kernel never ran)
+    cpu_evals_tiles: int = 0  # CPU evaluations that took the tiles way (the others: pairs)
 
     @property
     def cpu_ms_per_token(self) -> float:
@@ -283,7 +284,7 @@ class _LoadErrors:
 def _make_llama_class():
     import llama_cpp
 
-    from .format import Keys
+    from .format import FFN_WAYS, Keys
     from .model_file import ModelSizes, check_gguf, parse_size
 
     class Llama(llama_cpp.Llama):
@@ -302,13 +303,14 @@ def _make_llama_class():
         all_active: compute every neuron on the sparse path (checks sparse == dense).
         use_mmap defaults to False here (upstream: True): only our own buffers get 2 MB pages
             (ggml_pi_advise_hugepages).
-        sparse_max_tokens: ubatches up to this many tokens take the sparse path, larger ones
-            the dense path (default: the file's powerinfer.runtime.sparse_max_tokens, else all;
-            see docs/NOTES.md for where prompts are faster dense).
+        ffn_way: how each part of the FFN runs, "auto" (chosen per ubatch from what it costs:
+            docs/DESIGN.md, "ways") or one forced everywhere: "pairs", "tiles" (the sparse op's
+            two CPU ways) or "dense" (GEMMs masked by the predictor). Every way computes the
+            same neurons; forcing one is for tests and measurements.
         """
 
         def __init__(self, model_path: str, *, vram_budget: str | int = 0, sparse: bool = True,
-                     all_active: bool = False, sparse_max_tokens: int | None = None,
+                     all_active: bool = False, ffn_way: str = "auto",
                      kv_overrides: dict | None = None, **kwargs):
             check_patched()
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
@@ -332,10 +334,10 @@ def _make_llama_class():
             overrides = dict(kv_overrides or {})
             overrides.setdefault(Keys.Runtime.SPARSE, bool(sparse))
             overrides.setdefault(Keys.Runtime.ALL_ACTIVE, bool(all_active))
-            if sparse_max_tokens is not None:
-                if not 0 <= int(sparse_max_tokens) <= 1 << 20:
-                    raise ValueError(f"sparse_max_tokens={sparse_max_tokens}: must be within 0..1048576")
-                overrides.setdefault(Keys.Runtime.SPARSE_MAX_TOKENS, int(sparse_max_tokens))
+            if ffn_way not in FFN_WAYS:
+                raise ValueError(f"ffn_way={ffn_way!r}: must be one of {', '.join(FFN_WAYS)}")
+            if ffn_way != "auto":
+                overrides.setdefault(Keys.Runtime.FFN_WAY, ffn_way)
             if budget != 0:
                 overrides.setdefault(Keys.Runtime.VRAM_BUDGET, int(budget))
                 n_ctx = int(kwargs.get("n_ctx", 512) or 0)
@@ -368,7 +370,8 @@ def _make_llama_class():
                 if lib.llama_pi_get_layer_stats(self.model, il, ctypes.byref(st)) != 0:
                     return []
                 out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired),
-                                      int(st.cpu_bytes), int(st.cpu_ns), int(st.cpu_threads)))
+                                      int(st.cpu_bytes), int(st.cpu_ns), int(st.cpu_threads),
+                                      int(st.cpu_evals_tiles)))
             return out
 
         def placement(self) -> list[LayerPlacement]:

@@ -110,8 +110,8 @@ def make_cases(src: Path, out: Path) -> list[tuple[Case, Path, Callable[[], None
     # run-time keys a file may carry, with bad values (the Python API overrides sparse/all_active,
     # and an override wins, so a bad all_active in the file is not read)
     for name, key, value, vtype, fragment in (
-            ("maxtok-neg", "powerinfer.runtime.sparse_max_tokens", -5, V.INT32, "sparse_max_tokens = -5"),
-            ("maxtok-str", "powerinfer.runtime.sparse_max_tokens", "9", V.STRING, "not a 32-bit integer"),
+            ("way-unknown", "powerinfer.runtime.ffn_way", "fast", V.STRING, "ffn_way = 'fast'"),
+            ("way-int", "powerinfer.runtime.ffn_way", 2, V.INT32, "is not a string"),
             ("rt-all-str", "powerinfer.runtime.all_active", "yes", V.STRING, "")):
         p = out / f"{name}.gguf"
         keys = [(key, value, vtype)]

@@ -50,8 +50,9 @@ def test_all_active_equals_dense_half_types(tiny_model, tmp_path, outtype):
 
 
 def test_sparse_matches_numpy_reference(tiny_pi):
-    """The sparse path computes exactly the neurons the predictor selects (numpy, same rule), for
-    decode (one token per eval) and for a many-token ubatch (sparse_max_tokens raised)."""
+    """Every way computes exactly the neurons the predictor selects (numpy, same rule): decode (one
+    token per eval), a 16-token ubatch as chosen, and each way forced (the sparse op's pairs and
+    tiles, and dense GEMMs masked by the selection)."""
     res, ours, _ = tiny_pi
     w = gguf_weights(ours)
     import gguf
@@ -66,42 +67,30 @@ def test_sparse_matches_numpy_reference(tiny_pi):
     want = forward(w, res.hparams, np.array(TOKENS), ffn_mask=mask)
     dense_ref = forward(w, res.hparams, np.array(TOKENS))
     assert np.abs(want - dense_ref).max() > 0  # the predictor really drops neurons here
-    for kw in ({"one_by_one": True}, {"sparse_max_tokens": 64}):
+    for kw in ({"one_by_one": True}, {}, {"ffn_way": "pairs"}, {"ffn_way": "tiles"}, {"ffn_way": "dense"}):
         got, llm = _logits(ours, TOKENS, **kw)
         err = np.abs(got - want).max()
         assert err < 2e-3 * max(1.0, np.abs(want).max()), (kw, err)
         st = llm.sparse_stats()
+        if kw.get("ffn_way") == "dense":
+            assert all(s.tokens == 0 for s in st)  # GEMMs, not the op: nothing counted
+            continue
         assert all(s.tokens == len(TOKENS) for s in st)
         assert all(0 < s.computed_share < 0.5 and s.fired <= s.predicted for s in st)
+        forced = {"tiles": 1, "pairs": 0}.get(kw.get("ffn_way"))  # evaluations with tiles: one ubatch
+        assert forced is None or all(s.cpu_evals_tiles == forced for s in st)
 
 
-def test_sparse_max_tokens_routes_ubatches(tiny_pi):
-    """By default every ubatch is sparse; above sparse_max_tokens a ubatch takes the dense path."""
+def test_way_follows_the_union(tiny_pi):
+    """The CPU kernel takes tiles when the selected pairs fill enough of the union of selected rows
+    x tokens (every row selected: a full union), pairs for decode and for a sparse selection."""
     _, ours, _ = tiny_pi
-    _, llm = _logits(ours, TOKENS)  # one 16-token ubatch
-    assert all(s.tokens == len(TOKENS) for s in llm.sparse_stats())
-    capped, c_llm = _logits(ours, TOKENS, sparse_max_tokens=4)
-    assert all(s.tokens == 0 for s in c_llm.sparse_stats())
-    c_llm.eval([450])
-    assert all(s.tokens == 1 for s in c_llm.sparse_stats())
-    c_llm.reset_sparse_stats()
-    assert all(s.tokens == 0 and s.predicted == 0 for s in c_llm.sparse_stats())
-
-
-def test_weak_predictors_cap_sparse_prompts(tmp_path, tiny_model, tiny_pi):
-    """pi-convert writes a sparse ubatch cap into files whose predictors select many rows (rank 1
-    at recall 0.9999 selects nearly all), and none into files whose predictors are selective."""
-    import gguf
-    from powerinfer_gguf.convert import WEAK_PREDICTOR_MAX_TOKENS, WEAK_PREDICTOR_SHARE, convert
-    _, hf = tiny_model
-    out = tmp_path / "weak.pi.gguf"
-    rep = convert(hf, out, outtype="f32", calib_tokens=512, recall=0.9999, predictor_rank=1, progress=False,
-                  log=lambda m: None)
-    assert np.mean([r.predicted for r in rep.layers]) > WEAK_PREDICTOR_SHARE
-    f = gguf.GGUFReader(out).fields.get("powerinfer.runtime.sparse_max_tokens")
-    assert f is not None and f.contents() == WEAK_PREDICTOR_MAX_TOKENS
-    _, ours, _ = tiny_pi
-    assert "powerinfer.runtime.sparse_max_tokens" not in gguf.GGUFReader(ours).fields
+    _, full = _logits(ours, TOKENS, all_active=True)  # one 16-token ubatch, union = all, pairs = all
+    assert all(s.cpu_evals_tiles == 1 for s in full.sparse_stats())
+    _, dec = _logits(ours, TOKENS, one_by_one=True)  # 1 token: pairs
+    assert all(s.cpu_evals_tiles == 0 for s in dec.sparse_stats())
+    _, few = _logits(ours, TOKENS[:3], all_active=True)  # under GGML_PI_TILE_MIN_TOKENS
+    assert all(s.cpu_evals_tiles == 0 for s in few.sparse_stats())
 
 
 def test_greedy_text_with_predictor_matches_dense(tiny_pi, capsys):
@@ -127,7 +116,7 @@ def test_plain_gguf_runs_as_stock(tiny_model):
 @pytest.mark.parametrize("kw,msg", [
     ({"vram_budget": "1GiB"}, "no GPU device"),
     ({"vram_budget": "lots"}, "bad size"),
-    ({"sparse_max_tokens": -1}, "sparse_max_tokens"),
+    ({"ffn_way": "fast"}, "ffn_way"),
     ({"n_gpu_layers": 5}, "vram_budget"),
 ])
 def test_bad_options_are_clear(tiny_pi, kw, msg):

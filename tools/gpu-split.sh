@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 6 on the GPU machine: hot FFN rows on the GPU under a VRAM budget, against stock at the same
 # budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive); each
-# measuring step runs with nothing else on the machine (a synthesis beside it would share the CPU's
-# memory bandwidth with both sides' cold rows):
+# step runs in the foreground with nothing else on the machine (a synthesis beside a measurement
+# would share the CPU's memory bandwidth with both sides' cold rows):
 #   tools/gpu-split.sh prep    builds both sides with CUDA; on a small model, sparse == dense with every
-#                              neuron active at budgets 0/40/100% and with split layers (55/85%); then
-#                              starts the PRESETS (default 7b; none: no synthesis) pair (pi-synth
-#                              --pi) in its own session
+#                              neuron active at budgets 0/40/100% and with split layers (55/85%),
+#                              decode, small ubatches and a 40-token prompt (the ways agreeing)
 #   PRESET=13b tools/gpu-split.sh synth
-#                              starts that pair in its own session (other presets' files removed first)
+#                              writes that pair (other presets' files removed first; 13B ~440 s)
+#   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
+#                              pi-bench at BUDGET and at 0: pp512 + tg32, then pp2048; ours' budget-0
+#                              decode with rows in pinned or plain memory (llama-bench)
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
@@ -35,14 +37,15 @@ else
     [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
 fi
 mkdir -p $M
-start_synth() {  # presets, one after the other, in their own session; earlier pairs are removed
+start_synth() {  # presets, one after the other, in the foreground; earlier pairs are removed
     echo $M > /tmp/pi-models-dir  # (the memory holds one 13B pair, not two)
     rm -f $M/*.gguf
-    for p in "$@"; do rm -f $M/$p.synth.rc; done
-    setsid bash -c "for p in $*; do OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/\$p.stock.gguf \
-        --preset \$p --outtype f16 --pi $M/\$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/\$p.synth.log 2>&1; \
-        echo \$? > $M/\$p.synth.rc; done" < /dev/null > /dev/null 2>&1 &
-    el "synthesis of $* started in $M"
+    for p in "$@"; do
+        OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/$p.stock.gguf --preset $p --outtype f16 \
+            --pi $M/$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/$p.synth.log 2>&1
+        echo $? > $M/$p.synth.rc
+        el "synthesis of $p: rc $(cat $M/$p.synth.rc)"
+    done
 }
 
 case "${1:-}" in
@@ -57,10 +60,10 @@ prep)
     python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 4 --outtype f16 --pi /tmp/chk.pi.gguf --force \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
     el "check model done"
-    timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 40% 100% 55% 85% 2>&1 \
+    timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 55% 100% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
-    [ "${PRESETS:-7b}" = none ] || start_synth ${PRESETS:-7b}
+    $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -2 | tee "$OUT/pi-sparse-ffn.txt"
     ;;
 synth)
     start_synth $P
@@ -79,6 +82,25 @@ kernel)
         $T perf -o PI_SPARSE_FFN -b $b -p "n_embd=5120," 2>&1 | grep "PI_SPARSE_FFN(" | sed 's/\x1b\[[0-9;]*m//g'
     done | tee -a "$OUT/backend-ops.txt"
     el "test-backend-ops done"
+    ;;
+prompt)
+    bench() {  # pi-bench of the pair at a budget, more options after it
+        local b=$1; shift
+        python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget $b -t 16 "$@" 2>&1 | grep -v "^\["
+    }
+    for b in ${BUDGET:-10GiB} 0; do
+        bench $b -p 512 -n 32 -r 2 --json "$OUT/$P-pp512-${b%\%}.json" | tee "$OUT/$P-pp512-${b%\%}.txt"
+        el "pp512 + tg32 at $b done"
+    done
+    bench ${BUDGET:-10GiB} -p 2048 -n 8 -r 2 --json "$OUT/$P-pp2048.json" | tee "$OUT/$P-pp2048.txt"
+    el "pp2048 done"
+    # budget 0: ours' rows in a GPU's pinned host memory (the default: large ubatches copy them to
+    # the GPU) or plain memory with 2 MB pages (the CPU kernel's scattered reads)
+    for pinned in true false; do
+        $(pi_patched_bin)/llama-bench -m $M/$P.pi.gguf -ngl 0 -lm none -t 16 -p 512 -n 32 -r 2 \
+            --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep -E "pp512|tg32" | sed "s/^/pinned=$pinned /"
+    done | tee "$OUT/$P-pinned-ab.txt"
+    el "pinned A/B done"
     ;;
 head)
     while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 500 ]; do sleep 5; done

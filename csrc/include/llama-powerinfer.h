@@ -11,7 +11,7 @@ extern "C" {
 #endif
 
     // Version of the API declared in this header; bumped when a function is added or changed.
-    #define LLAMA_PI_API_VERSION 5
+    #define LLAMA_PI_API_VERSION 6
 
     LLAMA_API int32_t llama_pi_api_version(void);
 
@@ -34,6 +34,7 @@ extern "C" {
         int64_t cpu_bytes;   // bytes of FFN rows the CPU read
         int64_t cpu_ns;      // wall time in the CPU kernel
         int64_t cpu_threads; // threads of its last evaluation (0: never ran on the CPU)
+        int64_t cpu_evals_tiles; // CPU evaluations that took the tiles way (v6; the others: pairs)
     };
 
     // 0 and *out filled; -1 when the model has no sparse layout or il is out of range.

@@ -1,5 +1,5 @@
 // powerinfer_gguf: the FFN of a llama-family graph: dense with the file's activation, or, for a
-// file of our layout, predictor + sparse op per part of the layer (hot rows, cold rows), added.
+// file of our layout, predictor + one way per part of the layer (hot rows, cold rows), added.
 #include "llama-powerinfer-impl.h"
 
 #include "llama-model.h"
@@ -11,13 +11,13 @@
 #include <vector>
 
 // Down projection of h [n_ff, T] with the weight stored one row per neuron: [n_embd, T]. The dense
-// path (prompts above sparse_max_tokens, and the sparse=false reference) transposes the weight
-// into a scratch copy and runs mul_mat, which reaches the GEMM kernels: one extra pass over the
-// down weight per ubatch, far cheaper than ggml_out_prod over down_t (docs/NOTES.md).
+// way transposes the weight into a scratch copy and runs mul_mat, which reaches the GEMM kernels:
+// one extra pass over the down weight per ubatch, far cheaper than ggml_out_prod over down_t
+// (docs/NOTES.md).
 static ggml_tensor * pi_down_neuron_rows(ggml_context * ctx0, ggml_tensor * down_t, ggml_tensor * h) {
     if (ggml_is_quantized(down_t->type)) {
         // quantized blocks run along a row: a transposed view cannot be copied block-wise, so
-        // dequantize first (the dense path of a quantized file: prompts above sparse_max_tokens)
+        // dequantize first
         down_t = ggml_cast(ctx0, down_t, GGML_TYPE_F32);
     }
     return ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, down_t)), h);
@@ -36,73 +36,138 @@ struct pi_ffn_part {
     int64_t       r0;
 };
 
+// How a part runs for one ubatch (docs/DESIGN.md, "ways"): the sparse op where its rows are (the
+// CPU kernel then picks pairs or tiles from the rows the ubatch selects), dense where its rows are,
+// or dense on the GPU with rows in CPU memory copied over for the ubatch, as stock does with CPU
+// weights and large ubatches. Every way computes the same neurons: the dense ways mask with the
+// predictor's selection.
+enum pi_way { PI_WAY_SPARSE, PI_WAY_DENSE, PI_WAY_DENSE_GPU };
+
 static bool pi_in_gpu_memory(const ggml_tensor * w) {
     return w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
 }
 
-// Dense FFN over one part: relu(gate x) * up x (dReLU: both rectified), then the row-per-neuron down.
-static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
-                                         const llama_layer & layer, int il) {
-    ggml_context * ctx0 = g.ctx0;
-    const bool whole = layer.pi.ffn_gate_cold == nullptr; // lora scales apply to whole tensors only
-    ggml_tensor * up   = g.build_lora_mm(p.up,   cur, whole ? layer.ffn_up_s   : nullptr);
-    ggml_tensor * gate = g.build_lora_mm(p.gate, cur, whole ? layer.ffn_gate_s : nullptr);
-    if (g.hparams.pi.ffn_act == LLAMA_PI_ACT_DRELU) {
-        up = ggml_relu(ctx0, up);
+// The GPU that takes a large ubatch's work on CPU-resident weights: the scheduler's first backend
+// when it is a GPU that wants a mul_mat of this many tokens (its own offload rule, e.g. CUDA's 32
+// tokens), and the context allows offloading (op_offload); else null.
+static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * probe) {
+    if (!g.cparams.op_offload || g.sched == nullptr || ggml_backend_sched_get_n_backends(g.sched) < 2) {
+        return nullptr;
     }
-    ggml_tensor * h = ggml_mul(ctx0, ggml_relu(ctx0, gate), up);
-    g.cb(h, "ffn_pi_h", il);
-    return pi_down_neuron_rows(ctx0, p.down_t, h);
+    ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, 0);
+    const enum ggml_backend_dev_type t = ggml_backend_dev_type(ggml_backend_get_device(b));
+    if (t != GGML_BACKEND_DEVICE_TYPE_GPU && t != GGML_BACKEND_DEVICE_TYPE_IGPU) {
+        return nullptr;
+    }
+    return ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe) ? b : nullptr;
 }
 
-// The FFN of a sparse file. The predictor, score = fc2 . act(fc1 . x), runs once where the layer
-// runs; each part then reads only rows with score > threshold (ggml_pi_sparse_ffn), or all of its
-// rows densely (large ubatches, sparse = false). With all_active every row is computed, predictor
-// skipped. A split layer has a hot part (GPU) and a cold part (CPU); their sums are added.
+static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, ggml_tensor * cur) {
+    const llama_pi_hparams & pi = g.hparams.pi;
+    const int64_t n_tokens = cur->ne[1];
+    if (!pi.rt_sparse || pi.rt_way == LLAMA_PI_WAY_DENSE) {
+        return PI_WAY_DENSE;
+    }
+    if (pi.rt_way != LLAMA_PI_WAY_AUTO) {
+        return PI_WAY_SPARSE; // pairs or tiles: the op everywhere (a GPU's kernel has one way)
+    }
+    if (pi_in_gpu_memory(p.gate)) {
+        return n_tokens <= PI_GPU_SPARSE_MAX_TOKENS ? PI_WAY_SPARSE : PI_WAY_DENSE;
+    }
+    ggml_tensor * probe = ggml_mul_mat(g.ctx0, p.gate, cur); // not in the graph: asks the GPU
+    return pi_offload_gpu(g, probe) ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
+}
+
+// 1 where the predictor selects (row, token), else 0: score > threshold, as the sparse op reads it
+static ggml_tensor * pi_selection_mask(ggml_context * ctx0, ggml_tensor * score, ggml_tensor * threshold) {
+    return ggml_step(ctx0, ggml_sub(ctx0, score, threshold));
+}
+
+// Dense FFN over one part: relu(gate x) * up x (dReLU: both rectified), masked by the selection
+// when there is one, then the row-per-neuron down. With a GPU given, every node runs there.
+static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
+                                         ggml_tensor * mask, const llama_layer & layer, int il, ggml_backend_t gpu) {
+    ggml_context * ctx0 = g.ctx0;
+    std::vector<ggml_tensor *> nodes;
+    auto node = [&](ggml_tensor * t) { nodes.push_back(t); return t; };
+    const bool whole = layer.pi.ffn_gate_cold == nullptr; // lora scales apply to whole tensors only
+    ggml_tensor * up   = node(g.build_lora_mm(p.up,   cur, whole ? layer.ffn_up_s   : nullptr));
+    ggml_tensor * gate = node(g.build_lora_mm(p.gate, cur, whole ? layer.ffn_gate_s : nullptr));
+    if (g.hparams.pi.ffn_act == LLAMA_PI_ACT_DRELU) {
+        up = node(ggml_relu(ctx0, up));
+    }
+    ggml_tensor * h = node(ggml_mul(ctx0, node(ggml_relu(ctx0, gate)), up));
+    if (mask) {
+        h = node(ggml_mul(ctx0, h, mask));
+    }
+    g.cb(h, "ffn_pi_h", il);
+    ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h);
+    nodes.push_back(out->src[0]); // the transposed copy
+    nodes.push_back(out);
+    if (gpu) {
+        for (ggml_tensor * t : nodes) {
+            ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);
+        }
+    }
+    return out;
+}
+
+// The predictor, score = fc2 . act(fc1 . x), run once where the layer runs
+static ggml_tensor * pi_build_score(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
+    ggml_tensor * z = ggml_mul_mat(g.ctx0, layer.pi.pred_fc1, cur);
+    if (g.hparams.pi.pred_relu) {
+        z = ggml_relu(g.ctx0, z);
+    }
+    ggml_tensor * score = ggml_mul_mat(g.ctx0, layer.pi.pred_fc2, z);
+    g.cb(score, "ffn_pi_score", il);
+    return score;
+}
+
+static uint32_t pi_op_flags(const llama_pi_hparams & pi) {
+    return (pi.rt_all_active ? GGML_PI_SPARSE_ALL_ACTIVE : 0) |
+           (pi.rt_way == LLAMA_PI_WAY_PAIRS ? GGML_PI_SPARSE_PAIRS : 0) |
+           (pi.rt_way == LLAMA_PI_WAY_TILES ? GGML_PI_SPARSE_TILES : 0);
+}
+
+// The FFN of a sparse file: each part (a split layer: hot rows, then cold rows) its own way, the
+// parts' sums added. With all_active every row is computed, predictor skipped.
 static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
     ggml_context * ctx0 = g.ctx0;
-    const llama_hparams & hp = g.hparams;
+    const llama_pi_hparams & pi = g.hparams.pi;
     const int64_t n_tokens = cur->ne[1];
     std::vector<pi_ffn_part> parts = { { layer.ffn_gate, layer.ffn_up, layer.pi.ffn_down_t, layer.pi.pred_threshold, 0 } };
     if (layer.pi.ffn_gate_cold) {
         parts.push_back({ layer.pi.ffn_gate_cold, layer.pi.ffn_up_cold, layer.pi.ffn_down_t_cold,
                           layer.pi.pred_threshold_cold, layer.ffn_gate->ne[1] });
     }
-    auto sparse_part = [&](const pi_ffn_part & p) {
-        return hp.pi.rt_sparse && n_tokens <= (int64_t) hp.pi.rt_max_tokens &&
-               (!pi_in_gpu_memory(p.gate) || n_tokens <= PI_GPU_SPARSE_MAX_TOKENS);
-    };
-    ggml_tensor * score = nullptr;
-    const bool any_sparse = std::any_of(parts.begin(), parts.end(), sparse_part);
-    if (any_sparse && !hp.pi.rt_all_active) {
-        ggml_tensor * z = ggml_mul_mat(ctx0, layer.pi.pred_fc1, cur);
-        if (hp.pi.pred_relu) {
-            z = ggml_relu(ctx0, z);
-        }
-        score = ggml_mul_mat(ctx0, layer.pi.pred_fc2, z);
-        g.cb(score, "ffn_pi_score", il);
-    }
-    const ggml_pi_act act = hp.pi.ffn_act == LLAMA_PI_ACT_DRELU ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU;
+    const bool predicted = pi.rt_sparse && !pi.rt_all_active;
+    ggml_tensor * score = predicted ? pi_build_score(g, cur, layer, il) : nullptr;
+    const ggml_pi_act act = pi.ffn_act == LLAMA_PI_ACT_DRELU ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU;
     ggml_tensor * out = nullptr;
     for (const pi_ffn_part & p : parts) {
+        const int64_t n_rows = p.gate->ne[1];
+        ggml_tensor * part_score = score == nullptr || parts.size() == 1 ? score :
+            ggml_view_2d(ctx0, score, n_rows, n_tokens, score->nb[1], p.r0 * sizeof(float));
+        const pi_way way = pi_choose_way(g, p, cur);
         ggml_tensor * part_out;
-        if (sparse_part(p)) {
-            const int64_t n_rows = p.gate->ne[1];
-            ggml_tensor * part_score = score == nullptr ? nullptr :
-                (parts.size() == 1 ? score : ggml_view_2d(ctx0, score, n_rows, n_tokens, score->nb[1], p.r0 * sizeof(float)));
+        if (way == PI_WAY_SPARSE) {
             part_out = ggml_pi_sparse_ffn(ctx0, cur, p.gate, p.up, p.down_t, part_score,
-                                          score ? p.threshold : nullptr, act,
-                                          hp.pi.rt_all_active ? GGML_PI_SPARSE_ALL_ACTIVE : 0,
+                                          score ? p.threshold : nullptr, act, pi_op_flags(pi),
                                           p.r0 == 0 ? &layer.pi.stats : &layer.pi.stats_cold);
             g.cb(part_out, "ffn_pi_sparse", il);
         } else {
-            part_out = pi_build_dense_part(g, cur, p, layer, il);
+            ggml_backend_t gpu = way == PI_WAY_DENSE_GPU ? ggml_backend_sched_get_backend(g.sched, 0) : nullptr;
+            ggml_tensor * mask = part_score ? pi_selection_mask(ctx0, part_score, p.threshold) : nullptr;
+            if (mask && gpu) {
+                ggml_backend_sched_set_tensor_backend(g.sched, mask->src[0], gpu);
+                ggml_backend_sched_set_tensor_backend(g.sched, mask, gpu);
+            }
+            part_out = pi_build_dense_part(g, cur, p, mask, layer, il, gpu);
         }
         out = out ? ggml_add(ctx0, out, part_out) : part_out;
     }
     return out;
 }
-
 ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
     if (layer.pi.ffn_down_t) {
         return pi_build_sparse_file_ffn(g, cur, layer, il);

@@ -22,20 +22,30 @@ struct llama_model_base;
 // run-time choices: not written in files, given as kv overrides (llama_model_params.kv_overrides)
 #define LLAMA_PI_KEY_RT_SPARSE        "powerinfer.runtime.sparse"            // bool, default true
 #define LLAMA_PI_KEY_RT_ALL_ACTIVE    "powerinfer.runtime.all_active"        // bool, default false
-#define LLAMA_PI_KEY_RT_MAX_TOKENS    "powerinfer.runtime.sparse_max_tokens" // int, default 1048576 (all)
+#define LLAMA_PI_KEY_RT_WAY           "powerinfer.runtime.ffn_way"           // str: auto (default), pairs, tiles, dense
 #define LLAMA_PI_KEY_RT_VRAM_BUDGET   "powerinfer.runtime.vram_budget"       // int bytes; -1 = free VRAM less a margin
 #define LLAMA_PI_KEY_RT_VRAM_CTX      "powerinfer.runtime.vram_ctx"          // int, context the KV reserve is sized for
 #define LLAMA_PI_KEY_RT_DEV_ROWS      "powerinfer.runtime.dev_rows"          // int: force every layer's split (tests)
 #define LLAMA_PI_KEY_RT_VRAM_RESERVE  "powerinfer.runtime.vram_reserve"      // int bytes for compute buffers (default: estimated)
 #define LLAMA_PI_KEY_RT_SPLIT_COST_US "powerinfer.runtime.split_cost_us"     // int, per-layer CPU hand-off cost, default 70
 #define LLAMA_PI_KEY_RT_PLAN_NO_GPU   "powerinfer.runtime.plan_without_gpu"  // bool: plan a budget with no GPU (tests)
-#define LLAMA_PI_KEY_RT_ROWS_PINNED   "powerinfer.runtime.rows_pinned"       // bool: CPU rows in pinned host memory (default false)
+#define LLAMA_PI_KEY_RT_ROWS_PINNED   "powerinfer.runtime.rows_pinned"       // bool: CPU rows in a GPU's pinned host memory (default true)
 
 // FFN activations of LLaMA-family models (powerinfer_gguf/format.py ACTIVATIONS).
 enum llama_pi_act : uint32_t {
     LLAMA_PI_ACT_SILU  = 0, // SwiGLU: silu(gate x) * (up x)          (upstream llama)
     LLAMA_PI_ACT_RELU  = 1, // ReGLU:  relu(gate x) * (up x)          (ReluLLaMA, ProSparse)
     LLAMA_PI_ACT_DRELU = 2, // dReLU:  relu(gate x) * relu(up x)      (TurboSparse)
+};
+
+// How each part of a sparse FFN runs (powerinfer.runtime.ffn_way; docs/DESIGN.md, "ways"). Auto:
+// chosen per ubatch and part (llama-powerinfer-graph.cpp, and the CPU kernel between pairs and
+// tiles); the others force one way everywhere, for tests and measurements.
+enum llama_pi_way : uint32_t {
+    LLAMA_PI_WAY_AUTO  = 0,
+    LLAMA_PI_WAY_PAIRS = 1, // the sparse op, one dot product per selected (row, token)
+    LLAMA_PI_WAY_TILES = 2, // the sparse op, the selected rows' union against all tokens in register tiles
+    LLAMA_PI_WAY_DENSE = 3, // GEMMs over all rows, masked by the selection
 };
 
 // Reads `<arch>.hidden_activation` into hparams.pi.ffn_act; absent means SiLU. An activation we

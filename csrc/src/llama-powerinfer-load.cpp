@@ -83,6 +83,25 @@ int64_t llama_pi_runtime_int(const llama_model_loader & ml, const char * key, in
     }
 }
 
+// A run-time string key: a kv override (str:) wins, then the file's key, else def.
+static std::string pi_runtime_str(const llama_model_loader & ml, const char * key, const char * def) {
+    if (const auto * o = pi_override(ml, key, LLAMA_KV_OVERRIDE_TYPE_STR, "a string")) {
+        return o->val_str;
+    }
+    return gguf_find_key(ml.metadata, key) < 0 ? std::string(def) : pi_str_key(ml.metadata, key);
+}
+
+static uint32_t pi_runtime_way(const llama_model_loader & ml) {
+    static const char * names[] = { "auto", "pairs", "tiles", "dense" }; // enum llama_pi_way
+    const std::string way = pi_runtime_str(ml, LLAMA_PI_KEY_RT_WAY, "auto");
+    for (uint32_t i = 0; i < 4; ++i) {
+        if (way == names[i]) {
+            return i;
+        }
+    }
+    throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_WAY " = '" + way + "' (known: auto, pairs, tiles, dense)");
+}
+
 void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
     const gguf_context * meta = ml.metadata;
     hparams.pi.sparse = false;
@@ -124,13 +143,8 @@ void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
 
     hparams.pi.rt_sparse     = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_SPARSE, true);
     hparams.pi.rt_all_active = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ALL_ACTIVE, false);
-    hparams.pi.rt_rows_pinned = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ROWS_PINNED, false);
-    const int64_t max_tokens = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_MAX_TOKENS, 1 << 20);
-    if (max_tokens < 0 || max_tokens > 1 << 20) {
-        throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_MAX_TOKENS " = " + std::to_string(max_tokens) +
-                                 " is outside 0..1048576");
-    }
-    hparams.pi.rt_max_tokens = (uint32_t) max_tokens;
+    hparams.pi.rt_rows_pinned = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ROWS_PINNED, true);
+    hparams.pi.rt_way        = pi_runtime_way(ml);
 }
 
 static void pi_check_type(const ggml_tensor * t, std::initializer_list<ggml_type> allowed) {
@@ -166,7 +180,8 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
     // whole on the layer's device; h = 0: whole in CPU memory; else each row tensor is split in two
     // over the file's bytes. create_tensor checks each shape and fails the load naming the tensor.
     const int64_t h = model.hparams.pi.placed ? model.hparams.pi.dev_rows[il] : n_ff;
-    // rows the CPU reads go to plain CPU memory (2 MB pages) unless powerinfer.runtime.rows_pinned
+    // rows in CPU memory go to a GPU's pinned host buffers when there is a GPU (large ubatches copy
+    // them to the GPU: pinned memory copies at full speed), plain CPU memory (2 MB pages) otherwise
     const bool pinned = model.hparams.pi.rt_rows_pinned;
     const bool layer_on_cpu = ggml_backend_dev_type(model.dev_layer(il)) == GGML_BACKEND_DEVICE_TYPE_CPU;
     auto rows_tensor = [&](llm_tensor t, const char * suffix, std::initializer_list<int64_t> full, ggml_tensor ** cold) {

@@ -163,17 +163,22 @@ static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & 
     return cost;
 }
 
-// Compute buffers of a prompt ubatch on the GPU: logits, attention scores, FFN activations.
-static int64_t pi_compute_reserve(const llama_model_base & model, const llama_model_loader & ml, int64_t n_ctx) {
+// Compute buffers of a prompt ubatch on the GPU: logits, attention scores, FFN activations (gate,
+// up, h, score, mask) and, with a GPU, the staging of a large ubatch's dense FFN: a layer's rows
+// in CPU memory copied over plus the transposed down (llama-powerinfer-graph.cpp), at most four
+// times the layer's FFN rows.
+static int64_t pi_compute_reserve(const llama_model_base & model, const llama_model_loader & ml, int64_t n_ctx,
+                                  bool gpu) {
     const llama_hparams & hp = model.hparams;
     int64_t n_head_max = 0, n_ff_max = 0;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         n_head_max = std::max<int64_t>(n_head_max, hp.n_head(il));
         n_ff_max   = std::max<int64_t>(n_ff_max, hp.n_ff(il));
     }
+    const int64_t staging = gpu ? 4 * n_ff_max * (int64_t) pi_bytes_of(ml, "blk.0.ffn_gate.weight") / hp.n_ff(0) : 0;
     const int64_t n_ub = std::min<int64_t>(512, n_ctx);
     const int64_t reserve = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_RESERVE,
-        (64ll << 20) + n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_head_max * n_ctx + 3 * n_ff_max));
+        (64ll << 20) + staging + n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_head_max * n_ctx + 5 * n_ff_max));
     if (reserve < 0) {
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_VRAM_RESERVE " must be >= 0");
     }
@@ -216,7 +221,7 @@ static int pi_plan_budget(llama_model_base & model, llama_model_loader & ml, int
     }
     std::vector<std::vector<float>> freq;
     const std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, n_ctx, freq);
-    const int64_t reserve = pi_compute_reserve(model, ml, n_ctx);
+    const int64_t reserve = pi_compute_reserve(model, ml, n_ctx, gpu != nullptr);
     size_t out_bytes = pi_bytes_of(ml, "output_norm.weight");
     out_bytes += ml.get_tensor_meta("output.weight") ? pi_bytes_of(ml, "output.weight") : pi_bytes_of(ml, "token_embd.weight");
 

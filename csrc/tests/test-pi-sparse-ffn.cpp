@@ -26,6 +26,7 @@ struct pi_case {
     int64_t   n_embd, n_rows, n_tok;
     float     active; // share of (row, token) scores above the threshold; < 0: all active
     bool      drelu;
+    uint32_t  way = 0; // GGML_PI_SPARSE_PAIRS, GGML_PI_SPARSE_TILES, or 0: the kernel's choice
 };
 
 struct pi_inputs {
@@ -94,7 +95,8 @@ ggml_tensor * pi_build(ggml_context * ctx, const pi_case & c, bool reference, gg
     const bool all = c.active < 0;
     if (!reference) {
         return ggml_pi_sparse_ffn(ctx, x, gate, up, down_t, all ? nullptr : score, all ? nullptr : thr,
-                                  c.drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU, all ? GGML_PI_SPARSE_ALL_ACTIVE : 0, stats);
+                                  c.drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU,
+                                  (all ? GGML_PI_SPARSE_ALL_ACTIVE : 0) | c.way, stats);
     }
     // h = relu(gate x) * up x (dReLU: both rectified), where score > threshold; out = down_t^T h
     ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
@@ -150,18 +152,42 @@ double pi_nmse(const std::vector<float> & a, const std::vector<float> & ref) {
     return norm > 0 ? err / norm : err;
 }
 
-// The CPU kernel rounds x to the rows' dot-product type as ggml's mul_mat does: only the order of
-// additions differs (~1e-13 measured). Other backends' kernels keep x in F32: 16-bit and quantized
-// rows then differ by x's rounding.
-double pi_max_nmse(ggml_type t, bool cpu) {
-    return cpu || t == GGML_TYPE_F32 ? 1e-9 : 5e-4;
+// The CPU kernel's pairs round x to the rows' dot-product type as ggml's mul_mat does: only the
+// order of additions differs (~1e-13 measured). Its tiles and other backends' kernels keep x in
+// F32: 16-bit and quantized rows then differ by x's rounding.
+double pi_max_nmse(ggml_type t, bool rounds_x) {
+    return rounds_x || t == GGML_TYPE_F32 ? 1e-9 : 5e-4;
+}
+
+bool pi_tiles_type(ggml_type t) {
+    return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16;
+}
+
+// whether the CPU kernel takes tiles (ggml-powerinfer.h): from the union of selected rows
+bool pi_expect_tiles(const pi_case & c, const pi_inputs & in, int64_t n_pred) {
+    if (!pi_tiles_type(c.type) || c.way == GGML_PI_SPARSE_PAIRS) {
+        return false;
+    }
+    if (c.way == GGML_PI_SPARSE_TILES) {
+        return true;
+    }
+    int64_t n_union = 0;
+    for (int64_t j = 0; j < c.n_rows; ++j) {
+        bool any = c.active < 0;
+        for (int64_t t = 0; t < c.n_tok && !any; ++t) {
+            any = in.score[t * c.n_rows + j] > in.thr[j];
+        }
+        n_union += any;
+    }
+    return c.n_tok >= GGML_PI_TILE_MIN_TOKENS && (double) n_pred * GGML_PI_TILE_GAIN >= (double) n_union * c.n_tok;
 }
 
 std::string pi_name(const pi_case & c) {
     char buf[160];
-    snprintf(buf, sizeof(buf), "type=%s n_embd=%lld n_rows=%lld n_tok=%lld active=%s act=%s", ggml_type_name(c.type),
+    snprintf(buf, sizeof(buf), "type=%s n_embd=%lld n_rows=%lld n_tok=%lld active=%s act=%s way=%s", ggml_type_name(c.type),
              (long long) c.n_embd, (long long) c.n_rows, (long long) c.n_tok,
-             c.active < 0 ? "all" : std::to_string(c.active).substr(0, 4).c_str(), c.drelu ? "drelu" : "relu");
+             c.active < 0 ? "all" : std::to_string(c.active).substr(0, 4).c_str(), c.drelu ? "drelu" : "relu",
+             c.way == GGML_PI_SPARSE_PAIRS ? "pairs" : c.way == GGML_PI_SPARSE_TILES ? "tiles" : "auto");
     return buf;
 }
 
@@ -173,9 +199,15 @@ std::vector<pi_case> pi_cases() {
                 continue;
             }
             for (int64_t n_tok : { 1, 3, 9, 40 }) {
-                for (float active : { 0.1f, 0.5f, -1.0f }) {
+                // 0.03 x 40 tokens: the union is most rows, the pairs few (auto takes pairs)
+                for (float active : { 0.03f, 0.1f, 0.5f, -1.0f }) {
                     for (bool drelu : { false, true }) {
-                        cases.push_back({ t, n_embd, n_tok == 40 ? 100 : 520, n_tok, active, drelu });
+                        for (uint32_t way : { 0u, (uint32_t) GGML_PI_SPARSE_PAIRS, (uint32_t) GGML_PI_SPARSE_TILES }) {
+                            if (way != 0 && !pi_tiles_type(t)) {
+                                continue; // one way only
+                            }
+                            cases.push_back({ t, n_embd, n_tok == 40 ? 100 : 520, n_tok, active, drelu, way });
+                        }
                     }
                 }
             }
@@ -209,6 +241,9 @@ int main(int argc, char ** argv) {
         for (size_t d = 0; d < ggml_backend_dev_count(); ++d) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(d);
             const bool is_cpu = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+            if (!is_cpu && c.way != 0) {
+                continue; // the forced ways are the CPU kernel's
+            }
             ggml_backend_t be = is_cpu ? cpu : ggml_backend_dev_init(dev, nullptr);
             if (be == nullptr) {
                 continue;
@@ -224,8 +259,14 @@ int main(int argc, char ** argv) {
                 }
                 ++n_run;
                 const double err = pi_nmse(out, ref);
-                bool ok = err <= pi_max_nmse(c.type, is_cpu);
+                const bool tiles = is_cpu && pi_expect_tiles(c, in, n_pred);
+                const double max_err = pi_max_nmse(c.type, is_cpu && !tiles);
+                bool ok = err <= max_err;
                 std::string why;
+                if (is_cpu && stats.n_evals_tiles != (tiles ? 1 : 0)) {
+                    ok = false;
+                    why += std::string(" took ") + (stats.n_evals_tiles ? "tiles" : "pairs");
+                }
                 if (is_cpu && stats.n_predicted != n_pred) {
                     ok = false;
                     why += " predicted " + std::to_string(stats.n_predicted) + " != " + std::to_string(n_pred);
@@ -236,8 +277,8 @@ int main(int argc, char ** argv) {
                     why += " fired " + std::to_string(stats.n_fired) + " vs " + std::to_string(n_fired);
                 }
                 if (!ok || verbose) {
-                    printf("%s %s threads=%d %s: nmse %.3g (max %.1g)%s\n", ok ? "ok  " : "FAIL", ggml_backend_name(be), nt,
-                           pi_name(c).c_str(), err, pi_max_nmse(c.type, is_cpu), why.c_str());
+                    printf("%s %s threads=%d %s: nmse %.3g (max %.1g)%s%s\n", ok ? "ok  " : "FAIL", ggml_backend_name(be), nt,
+                           pi_name(c).c_str(), err, max_err, tiles ? " tiles" : "", why.c_str());
                 }
                 n_fail += !ok;
             }

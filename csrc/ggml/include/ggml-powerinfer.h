@@ -18,7 +18,18 @@ extern "C" {
 
     enum ggml_pi_sparse_flags {
         GGML_PI_SPARSE_ALL_ACTIVE = 1, // ignore score/threshold: every row is computed (sparse == dense check)
+        // A kernel picks its way per evaluation from the rows the ubatch selects; these force one
+        // (tests, measurements). The result is the same within float rounding.
+        GGML_PI_SPARSE_PAIRS      = 2, // CPU: one dot product per selected (row, token)
+        GGML_PI_SPARSE_TILES      = 4, // CPU: the union of selected rows against every token, in register tiles
     };
+
+    // The CPU kernel's choice when neither is forced: tiles for F32/F16/BF16 rows when a ubatch has
+    // at least GGML_PI_TILE_MIN_TOKENS tokens and its selected (row, token) pairs times
+    // GGML_PI_TILE_GAIN reach the union of selected rows times the tokens (a pair costs about
+    // GAIN times a tile's (row, token); measured, docs/NOTES.md "pairs or tiles").
+    #define GGML_PI_TILE_GAIN       3.0
+    #define GGML_PI_TILE_MIN_TOKENS 4
 
     // Counters a kernel adds to (atomically) on every evaluation, when the op is given them.
     struct ggml_pi_sparse_stats {
@@ -31,6 +42,7 @@ extern "C" {
         int64_t n_up;        // of the predicted rows, those whose gate fired: their up row was read
         int64_t ns;          // wall time inside the kernel (thread 0, entry to exit), summed
         int64_t n_threads;   // threads of the last evaluation
+        int64_t n_evals_tiles; // CPU evaluations that ran the tiles way (the others: pairs)
     };
 
     // out[:, t] = sum over rows j with score[j, t] > threshold[j] of h_j(x_t) * down_t[:, j]

@@ -5,9 +5,12 @@
 // every thread of the pool, with a barrier between each:
 //   scan     x converted to the dot-product type; each thread finds the predicted-active rows of
 //            a contiguous share of all rows (cheap)
-//   gate_up  the active rows, in blocks claimed from a shared counter as threads get free (the
-//            way ggml's mat-vec shares rows): each neuron's activation per token, kept by its
-//            position among the active rows
+//   gate_up  the active rows (the union of the rows the ubatch's tokens select), in blocks
+//            claimed from a shared counter as threads get free (the way ggml's mat-vec shares
+//            rows): each neuron's activation per token, kept by its position among the active
+//            rows. Two ways, the same result: pairs (a dot product per selected (row, token))
+//            or tiles (a block's rows against every token in register tiles, then masked),
+//            chosen per evaluation from how full the union is (pi_use_tiles)
 //   down     the fired (row, token) pairs, shared in equal contiguous counts, row-major: each
 //            thread adds its pairs' down rows into a private accumulator, 8 rows per pass
 //   reduce   the private accumulators summed, each thread a slice of the output
@@ -57,8 +60,8 @@ struct pi_bundle {
 
 // Offsets into the work buffer (shared parts first, then one slice per thread).
 struct pi_layout {
-    size_t counts, lists, pairs, xq, acc, scratch, pend, hbuf, bfired, total;
-    size_t xq_stride, acc_stride, scratch_stride, pend_stride;
+    size_t counts, lists, pairs, xq, acc, scratch, pend, hbuf, bfired, tile, total;
+    size_t xq_stride, acc_stride, scratch_stride, pend_stride, tile_stride;
     int64_t list_cap; // one thread's scanned rows: a contiguous share of n_rows
 };
 
@@ -75,6 +78,7 @@ pi_layout pi_make_layout(const ggml_tensor * op, int nth) {
     l.acc_stride     = pi_align(sizeof(float) * n_embd * n_tok);
     l.scratch_stride = pi_align(sizeof(float) * n_embd);
     l.pend_stride    = pi_align(sizeof(pi_bundle) * n_tok);
+    l.tile_stride    = pi_align(sizeof(float) * 2 * PI_BLOCK * n_tok); // a block's gate and up dots
     size_t off = 0;
     l.counts  = off; off += pi_align(sizeof(int32_t) * PI_COUNT_STRIDE * (nth + 1)); // + the claim counter
     l.lists   = off; off += pi_align(sizeof(int32_t) * l.list_cap * nth);
@@ -85,6 +89,7 @@ pi_layout pi_make_layout(const ggml_tensor * op, int nth) {
     l.acc     = off; off += l.acc_stride * nth;
     l.scratch = off; off += l.scratch_stride * nth;
     l.pend    = off; off += l.pend_stride * nth;
+    l.tile    = off; off += l.tile_stride * nth;
     l.total   = off + PI_ALIGN; // room to align the base pointer
     return l;
 }
@@ -101,6 +106,7 @@ void pi_prefetch_row(const char * p, size_t bytes) {
 
 // 16-bit row elements to F32: F16 (hardware conversion) and BF16 (the upper half of an F32)
 struct pi_f16 {
+    using elem = uint16_t;
     static float one(uint16_t v) { ggml_fp16_t h; std::memcpy(&h, &v, 2); return GGML_CPU_FP16_TO_FP32(h); }
 #if defined(__AVX512F__)
     static __m512 x16(const uint16_t * p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p)); }
@@ -111,6 +117,7 @@ struct pi_f16 {
 };
 
 struct pi_bf16 {
+    using elem = uint16_t;
     static float one(uint16_t v) { const uint32_t b = (uint32_t) v << 16; float f; std::memcpy(&f, &b, 4); return f; }
 #if defined(__AVX512F__)
     static __m512 x16(const uint16_t * p) {
@@ -225,6 +232,157 @@ void pi_axpy_rows(int n, float * acc, const char * const * rows, const float * h
 }
 
 // ---------------------------------------------------------------------------------------------
+// tiles: the dot products of NR rows with NT tokens' x (F32) in one pass, each row chunk loaded
+// once for NT tokens and each x chunk once for NR rows (register tiles, a GEMM's micro-kernel).
+// out[k * ld + t] = rows[k] . x[t], x[t] = x0 + t * x_stride.
+
+struct pi_f32 {
+    using elem = float;
+    static float one(float v) { return v; }
+#if defined(__AVX512F__)
+    static __m512 x16(const float * p) { return _mm512_loadu_ps(p); }
+#endif
+#if defined(__AVX2__)
+    static __m256 x8(const float * p) { return _mm256_loadu_ps(p); }
+#endif
+};
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__) && !defined(__AVX512F__)
+float pi_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+template <typename E, int NR, int NT>
+void pi_tile_dots(int n, const char * const * rows, const float * x0, int64_t x_stride, float * out, int64_t ld) {
+    using T = typename E::elem;
+    const T * r[NR];
+    const float * x[NT];
+    for (int k = 0; k < NR; ++k) {
+        r[k] = (const T *) rows[k];
+    }
+    for (int t = 0; t < NT; ++t) {
+        x[t] = x0 + t * x_stride;
+    }
+    float s[NR][NT];
+    int i = 0;
+#if defined(__AVX512F__)
+    __m512 acc[NR][NT];
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            acc[k][t] = _mm512_setzero_ps();
+        }
+    }
+    for (; i + 16 <= n; i += 16) {
+        __m512 xv[NT];
+        for (int t = 0; t < NT; ++t) {
+            xv[t] = _mm512_loadu_ps(x[t] + i);
+        }
+        for (int k = 0; k < NR; ++k) {
+            const __m512 w = E::x16(r[k] + i);
+            for (int t = 0; t < NT; ++t) {
+                acc[k][t] = _mm512_fmadd_ps(w, xv[t], acc[k][t]);
+            }
+        }
+    }
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            s[k][t] = _mm512_reduce_add_ps(acc[k][t]);
+        }
+    }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    __m256 acc[NR][NT];
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            acc[k][t] = _mm256_setzero_ps();
+        }
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv[NT];
+        for (int t = 0; t < NT; ++t) {
+            xv[t] = _mm256_loadu_ps(x[t] + i);
+        }
+        for (int k = 0; k < NR; ++k) {
+            const __m256 w = E::x8(r[k] + i);
+            for (int t = 0; t < NT; ++t) {
+                acc[k][t] = _mm256_fmadd_ps(w, xv[t], acc[k][t]);
+            }
+        }
+    }
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            s[k][t] = pi_hsum8(acc[k][t]);
+        }
+    }
+#else
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            s[k][t] = 0.0f;
+        }
+    }
+#endif
+    for (; i < n; ++i) {
+        for (int k = 0; k < NR; ++k) {
+            for (int t = 0; t < NT; ++t) {
+                s[k][t] += E::one(r[k][i]) * x[t][i];
+            }
+        }
+    }
+    for (int k = 0; k < NR; ++k) {
+        for (int t = 0; t < NT; ++t) {
+            out[k * ld + t] = s[k][t];
+        }
+    }
+}
+
+// NR rows against nt tokens: tiles of 4 tokens, then the rest
+template <typename E, int NR>
+void pi_tile_row_group(int n, const char * const * rows, const float * x0, int64_t x_stride, int64_t nt, float * out, int64_t ld) {
+    int64_t t = 0;
+    for (; t + 4 <= nt; t += 4) {
+        pi_tile_dots<E, NR, 4>(n, rows, x0 + t * x_stride, x_stride, out + t, ld);
+    }
+    switch (nt - t) {
+        case 3: pi_tile_dots<E, NR, 3>(n, rows, x0 + t * x_stride, x_stride, out + t, ld); break;
+        case 2: pi_tile_dots<E, NR, 2>(n, rows, x0 + t * x_stride, x_stride, out + t, ld); break;
+        case 1: pi_tile_dots<E, NR, 1>(n, rows, x0 + t * x_stride, x_stride, out + t, ld); break;
+        default: break;
+    }
+}
+
+template <typename E>
+void pi_tile_rows(int n, const char * const * rows, int nr, const float * x0, int64_t x_stride, int64_t nt, float * out, int64_t ld) {
+    int k = 0;
+    for (; k + 4 <= nr; k += 4) {
+        pi_tile_row_group<E, 4>(n, rows + k, x0, x_stride, nt, out + k * ld, ld);
+    }
+    switch (nr - k) {
+        case 3: pi_tile_row_group<E, 3>(n, rows + k, x0, x_stride, nt, out + k * ld, ld); break;
+        case 2: pi_tile_row_group<E, 2>(n, rows + k, x0, x_stride, nt, out + k * ld, ld); break;
+        case 1: pi_tile_row_group<E, 1>(n, rows + k, x0, x_stride, nt, out + k * ld, ld); break;
+        default: break;
+    }
+}
+
+bool pi_tiles_support(ggml_type type) {
+    return type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 || type == GGML_TYPE_F32;
+}
+
+// nr rows of `type` (pi_tiles_support) against nt tokens of F32 x, out[k * ld + t]
+void pi_tile(ggml_type type, int n, const char * const * rows, int nr, const float * x0, int64_t x_stride,
+             int64_t nt, float * out, int64_t ld) {
+    switch (type) {
+        case GGML_TYPE_F16:  pi_tile_rows<pi_f16>(n, rows, nr, x0, x_stride, nt, out, ld); return;
+        case GGML_TYPE_BF16: pi_tile_rows<pi_bf16>(n, rows, nr, x0, x_stride, nt, out, ld); return;
+        case GGML_TYPE_F32:  pi_tile_rows<pi_f32>(n, rows, nr, x0, x_stride, nt, out, ld); return;
+        default: GGML_ABORT("pi_tile: type %s has no tiles", ggml_type_name(type));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // the op
 
 // One thread's view of one evaluation: the op's tensors, the work buffer's parts, its counters.
@@ -241,6 +399,7 @@ struct pi_sparse_ffn {
     int ith, nth;
     int64_t n_embd, n_rows, n_tok;
     bool all_active, drelu;
+    uint32_t flags;
     pi_layout L;
     char * base;
 
@@ -254,7 +413,8 @@ struct pi_sparse_ffn {
           traits(ggml_get_type_traits_cpu(gate->type)), ith(p->ith), nth(p->nth),
           n_embd(gate->ne[0]), n_rows(gate->ne[1]), n_tok(x->ne[1]),
           all_active(ggml_pi_sparse_ffn_flags(op) & GGML_PI_SPARSE_ALL_ACTIVE),
-          drelu(ggml_pi_sparse_ffn_act(op) == GGML_PI_ACT_DRELU), L(pi_make_layout(op, p->nth)) {
+          drelu(ggml_pi_sparse_ffn_act(op) == GGML_PI_ACT_DRELU), flags(ggml_pi_sparse_ffn_flags(op)),
+          L(pi_make_layout(op, p->nth)) {
         GGML_ASSERT(p->wsize >= L.total);
         base = (char *) (((uintptr_t) p->wdata + PI_ALIGN - 1) & ~(uintptr_t) (PI_ALIGN - 1));
     }
@@ -270,6 +430,7 @@ struct pi_sparse_ffn {
     float   * acc() const         { return (float *) (base + L.acc + L.acc_stride * ith); }
     float   * scratch() const     { return (float *) (base + L.scratch + L.scratch_stride * ith); }
     pi_bundle * pend() const      { return (pi_bundle *) (base + L.pend + L.pend_stride * ith); }
+    float   * tile() const        { return (float *) (base + L.tile + L.tile_stride * ith); }
 
     static const char * row_of(const ggml_tensor * w, int64_t j) { return (const char *) w->data + j * w->nb[1]; }
     const float * score_of(int64_t t) const { return (const float *) ((const char *) score->data + t * score->nb[1]); }
@@ -296,6 +457,26 @@ struct pi_sparse_ffn {
         }
         return n;
     }
+    int64_t n_selected() const { // (row, token) pairs selected, all threads' scans
+        int64_t n = 0;
+        for (int t = 0; t < nth; ++t) {
+            n += count(t)[1];
+        }
+        return n;
+    }
+
+    // Tiles when the selected pairs fill enough of the union x tokens that computing all of it in
+    // tiles costs less than the pairs alone; every thread decides the same from the same counts.
+    bool use_tiles(int64_t n_act) const {
+        if (!pi_tiles_support(gate->type) || !pi_tiles_support(up->type) || (flags & GGML_PI_SPARSE_PAIRS)) {
+            return false;
+        }
+        if (flags & GGML_PI_SPARSE_TILES) {
+            return true;
+        }
+        // (below GGML_PI_TILE_MIN_TOKENS too few tokens share a row's loads, and decode skips up rows)
+        return n_tok >= GGML_PI_TILE_MIN_TOKENS && (double) n_selected() * GGML_PI_TILE_GAIN >= (double) n_act * n_tok;
+    }
 
     // ---- scan: x to the dot-product type, private state reset, this thread's predicted rows
     void scan() {
@@ -311,6 +492,7 @@ struct pi_sparse_ffn {
         const int64_t r0 = n_rows * ith / nth;
         const int64_t r1 = n_rows * (ith + 1) / nth;
         *count(ith) = all_active ? scan_all(r0, r1) : n_tok == 1 ? scan_decode(r0, r1) : scan_ubatch(r0, r1);
+        count(ith)[1] = (int32_t) n_pred;
         if (ith == 0) {
             __atomic_store_n(claim(), 0, __ATOMIC_RELAXED); // published by the barrier after the scan
         }
@@ -431,6 +613,44 @@ struct pi_sparse_ffn {
         }
     }
 
+    // the tiles way: a claimed block's gate and up rows against every token, then each (row,
+    // token) kept where selected and firing, as activation() would
+    void gate_up_tiles(int64_t n_act) {
+        const int64_t n_blocks = (n_act + PI_BLOCK - 1) / PI_BLOCK;
+        const float * x0 = (const float *) x->data;
+        const int64_t x_stride = x->nb[1] / sizeof(float);
+        float * g = tile();
+        float * u = g + PI_BLOCK * n_tok;
+        float * h = hbuf();
+        int32_t * bf = bfired();
+        cursor cur;
+        for (int64_t blk; (blk = __atomic_fetch_add(claim(), 1, __ATOMIC_RELAXED)) < n_blocks;) {
+            const int64_t k0 = blk * PI_BLOCK, nr = std::min(n_act, k0 + PI_BLOCK) - k0;
+            int32_t j[PI_BLOCK];
+            const char * g_rows[PI_BLOCK];
+            const char * u_rows[PI_BLOCK];
+            for (int64_t k = 0; k < nr; ++k) {
+                j[k] = row_at(cur, k0 + k);
+                g_rows[k] = row_of(gate, j[k]);
+                u_rows[k] = row_of(up, j[k]);
+            }
+            pi_tile(gate->type, (int) n_embd, g_rows, (int) nr, x0, x_stride, n_tok, g, n_tok);
+            pi_tile(up->type, (int) n_embd, u_rows, (int) nr, x0, x_stride, n_tok, u, n_tok);
+            int32_t fired = 0;
+            for (int64_t k = 0; k < nr; ++k) {
+                for (int64_t t = 0; t < n_tok; ++t) {
+                    const float gk = g[k * n_tok + t], uk = u[k * n_tok + t];
+                    const bool on = (all_active || score_of(t)[j[k]] > thr[j[k]]) && gk > 0.0f;
+                    n_up += on;
+                    const float a = on && (!drelu || uk > 0.0f) ? gk * uk : 0.0f;
+                    h[(k0 + k) * n_tok + t] = a;
+                    fired += a != 0.0f;
+                }
+            }
+            bf[blk] = fired;
+        }
+    }
+
     // ---- down: this thread's equal share of the fired (row, token) pairs, row-major in position
     // order (a row that fires for several tokens is read once, for all of them)
     void add_down(int64_t t, const char * d_row, float h) {
@@ -536,7 +756,12 @@ extern "C" void ggml_compute_forward_pi_sparse_ffn(const ggml_compute_params * p
     op.scan();
     op.barrier();
     const int64_t n_act = op.n_active();
-    op.gate_up(n_act);
+    const bool tiles = op.use_tiles(n_act);
+    if (tiles) {
+        op.gate_up_tiles(n_act);
+    } else {
+        op.gate_up(n_act);
+    }
     op.barrier();
     op.down(n_act);
     if (stats) {
@@ -550,5 +775,6 @@ extern "C" void ggml_compute_forward_pi_sparse_ffn(const ggml_compute_params * p
             std::chrono::steady_clock::now() - t_entry).count();
         __atomic_fetch_add(&stats->ns, ns, __ATOMIC_RELAXED);
         __atomic_store_n(&stats->n_threads, (int64_t) params->nth, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&stats->n_evals_tiles, (int64_t) tiles, __ATOMIC_RELAXED);
     }
 }
