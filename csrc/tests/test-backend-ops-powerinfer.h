@@ -4,7 +4,9 @@
 //         multi-token ubatches, ReLU and dReLU, sparse and all-active, row counts off the kernels'
 //         block sizes, rows of a size the CUDA kernel cannot read 16 bytes at a time)
 //   perf: GB/s of the rows a decode reads, for 13B- and 7B-shape rows stacked 4 layers deep (so
-//         the rows read exceed a GPU's L2), with a fresh active set between timed runs
+//         the rows read exceed a GPU's L2), with a fresh active set between timed runs; and the
+//         CPU kernel's pairs against its tiles over prompt ubatches, by share of rows selected
+//         (the crossover behind GGML_PI_TILE_GAIN: compare the us/run of way=2 and way=4)
 #pragma once
 
 #include "ggml-powerinfer.h"
@@ -17,15 +19,17 @@ struct test_pi_sparse_ffn : public test_case {
     const float   active;  // share of (row, token) scores above the threshold
     const bool    drelu;
     const bool    all_active;
+    const uint32_t way;    // GGML_PI_SPARSE_PAIRS or GGML_PI_SPARSE_TILES; 0: the kernel's choice
     std::mt19937  rng{1234};
 
     std::string vars() override {
-        return VARS_TO_STR7(type, n_embd, n_rows, n_tok, active, drelu, all_active);
+        return VARS_TO_STR8(type, n_embd, n_rows, n_tok, active, drelu, all_active, way);
     }
 
     test_pi_sparse_ffn(ggml_type type = GGML_TYPE_F16, int64_t n_embd = 256, int64_t n_rows = 512, int64_t n_tok = 1,
-                       float active = 0.1f, bool drelu = false, bool all_active = false)
-        : type(type), n_embd(n_embd), n_rows(n_rows), n_tok(n_tok), active(active), drelu(drelu), all_active(all_active) {}
+                       float active = 0.1f, bool drelu = false, bool all_active = false, uint32_t way = 0)
+        : type(type), n_embd(n_embd), n_rows(n_rows), n_tok(n_tok), active(active), drelu(drelu), all_active(all_active),
+          way(way) {}
 
     ggml_tensor * build_graph(ggml_context * ctx) override {
         ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
@@ -42,7 +46,7 @@ struct test_pi_sparse_ffn : public test_case {
         ggml_set_name(thr, "thr");
         ggml_tensor * out = ggml_pi_sparse_ffn(ctx, x, gate, up, down_t, score, thr,
                                                drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU,
-                                               all_active ? GGML_PI_SPARSE_ALL_ACTIVE : 0, nullptr);
+                                               (all_active ? GGML_PI_SPARSE_ALL_ACTIVE : 0) | way, nullptr);
         ggml_set_name(out, "out");
         return out;
     }
@@ -115,5 +119,13 @@ static void pi_test_cases_perf(std::vector<std::unique_ptr<test_case>> & test_ca
             test_cases.emplace_back(new test_pi_sparse_ffn(GGML_TYPE_F16, n_embd, 4 * n_ff, 1, active));
         }
         test_cases.emplace_back(new test_pi_sparse_ffn(GGML_TYPE_F16, n_embd, 4 * n_ff, 1, 1.0f, false, true));
+    }
+    // pairs against tiles (1B-shape rows: 2048 x 5504)
+    for (int64_t n_tok : {64, 512}) {
+        for (float active : {0.05f, 0.1f, 0.2f, 0.3f, 0.5f, 1.0f}) {
+            for (uint32_t way : {(uint32_t) GGML_PI_SPARSE_PAIRS, (uint32_t) GGML_PI_SPARSE_TILES}) {
+                test_cases.emplace_back(new test_pi_sparse_ffn(GGML_TYPE_F16, 2048, 5504, n_tok, active, false, false, way));
+            }
+        }
     }
 }

@@ -46,6 +46,12 @@ constexpr int     PI_PREFETCH_AHEAD = 4;
 constexpr int     PI_PREFETCH_LINES = 4;
 constexpr int64_t PI_RING = 16; // claimed positions not yet computed: a block plus the prefetch distance
 static_assert(PI_RING >= PI_BLOCK + PI_PREFETCH_AHEAD + 1, "the ring holds a block and the prefetch distance");
+// The tiles way claims PI_TILE_BLOCKS blocks at once, so that many rows share each pass over x,
+// and passes over the tokens PI_TILE_TOKENS at a time, so a chunk of x stays in L2 while the
+// claimed rows go by (a whole ubatch's x is megabytes)
+constexpr int64_t PI_TILE_BLOCKS = 4;
+constexpr int64_t PI_TILE_TOKENS = 64;
+constexpr int64_t PI_TILE_ROWS   = PI_TILE_BLOCKS * PI_BLOCK;
 
 size_t pi_align(size_t n) { return (n + PI_ALIGN - 1) & ~(PI_ALIGN - 1); }
 
@@ -78,7 +84,7 @@ pi_layout pi_make_layout(const ggml_tensor * op, int nth) {
     l.acc_stride     = pi_align(sizeof(float) * n_embd * n_tok);
     l.scratch_stride = pi_align(sizeof(float) * n_embd);
     l.pend_stride    = pi_align(sizeof(pi_bundle) * n_tok);
-    l.tile_stride    = pi_align(sizeof(float) * 2 * PI_BLOCK * n_tok); // a block's gate and up dots
+    l.tile_stride    = pi_align(sizeof(float) * 2 * PI_TILE_ROWS * n_tok); // the claimed rows' gate and up dots
     size_t off = 0;
     l.counts  = off; off += pi_align(sizeof(int32_t) * PI_COUNT_STRIDE * (nth + 1)); // + the claim counter
     l.lists   = off; off += pi_align(sizeof(int32_t) * l.list_cap * nth);
@@ -613,41 +619,50 @@ struct pi_sparse_ffn {
         }
     }
 
-    // the tiles way: a claimed block's gate and up rows against every token, then each (row,
-    // token) kept where selected and firing, as activation() would
+    // the tiles way: the claimed rows' gate and up against every token, a chunk of tokens at a
+    // time, then each (row, token) kept where selected and firing, as activation() would
     void gate_up_tiles(int64_t n_act) {
-        const int64_t n_blocks = (n_act + PI_BLOCK - 1) / PI_BLOCK;
+        const int64_t n_claims = (n_act + PI_TILE_ROWS - 1) / PI_TILE_ROWS;
         const float * x0 = (const float *) x->data;
         const int64_t x_stride = x->nb[1] / sizeof(float);
         float * g = tile();
-        float * u = g + PI_BLOCK * n_tok;
-        float * h = hbuf();
-        int32_t * bf = bfired();
+        float * u = g + PI_TILE_ROWS * n_tok;
         cursor cur;
-        for (int64_t blk; (blk = __atomic_fetch_add(claim(), 1, __ATOMIC_RELAXED)) < n_blocks;) {
-            const int64_t k0 = blk * PI_BLOCK, nr = std::min(n_act, k0 + PI_BLOCK) - k0;
-            int32_t j[PI_BLOCK];
-            const char * g_rows[PI_BLOCK];
-            const char * u_rows[PI_BLOCK];
+        for (int64_t c; (c = __atomic_fetch_add(claim(), 1, __ATOMIC_RELAXED)) < n_claims;) {
+            const int64_t k0 = c * PI_TILE_ROWS, nr = std::min(n_act, k0 + PI_TILE_ROWS) - k0;
+            int32_t j[PI_TILE_ROWS];
+            const char * g_rows[PI_TILE_ROWS];
+            const char * u_rows[PI_TILE_ROWS];
             for (int64_t k = 0; k < nr; ++k) {
                 j[k] = row_at(cur, k0 + k);
                 g_rows[k] = row_of(gate, j[k]);
                 u_rows[k] = row_of(up, j[k]);
             }
-            pi_tile(gate->type, (int) n_embd, g_rows, (int) nr, x0, x_stride, n_tok, g, n_tok);
-            pi_tile(up->type, (int) n_embd, u_rows, (int) nr, x0, x_stride, n_tok, u, n_tok);
-            int32_t fired = 0;
-            for (int64_t k = 0; k < nr; ++k) {
-                for (int64_t t = 0; t < n_tok; ++t) {
-                    const float gk = g[k * n_tok + t], uk = u[k * n_tok + t];
-                    const bool on = (all_active || score_of(t)[j[k]] > thr[j[k]]) && gk > 0.0f;
-                    n_up += on;
-                    const float a = on && (!drelu || uk > 0.0f) ? gk * uk : 0.0f;
-                    h[(k0 + k) * n_tok + t] = a;
-                    fired += a != 0.0f;
-                }
+            for (int64_t t0 = 0; t0 < n_tok; t0 += PI_TILE_TOKENS) {
+                const int64_t nt = std::min(PI_TILE_TOKENS, n_tok - t0);
+                pi_tile(gate->type, (int) n_embd, g_rows, (int) nr, x0 + t0 * x_stride, x_stride, nt, g + t0, n_tok);
+                pi_tile(up->type, (int) n_embd, u_rows, (int) nr, x0 + t0 * x_stride, x_stride, nt, u + t0, n_tok);
             }
-            bf[blk] = fired;
+            keep_tiles(k0, nr, j, g, u);
+        }
+    }
+
+    // activations of the claimed rows from their dot products, and the fired count of each block
+    void keep_tiles(int64_t k0, int64_t nr, const int32_t * j, const float * g, const float * u) {
+        float * h = hbuf();
+        int32_t * bf = bfired();
+        for (int64_t k = 0; k < nr; ++k) {
+            int32_t fired = 0;
+            for (int64_t t = 0; t < n_tok; ++t) {
+                const float gk = g[k * n_tok + t], uk = u[k * n_tok + t];
+                const bool on = (all_active || score_of(t)[j[k]] > thr[j[k]]) && gk > 0.0f;
+                n_up += on;
+                const float a = on && (!drelu || uk > 0.0f) ? gk * uk : 0.0f;
+                h[(k0 + k) * n_tok + t] = a;
+                fired += a != 0.0f;
+            }
+            const int64_t b = (k0 + k) / PI_BLOCK;
+            bf[b] = ((k0 + k) % PI_BLOCK ? bf[b] : 0) + fired;
         }
     }
 
