@@ -11,33 +11,64 @@ from ..outputs import staged
 from .record import BenchResult
 
 
+TTFT_RULE = ("prompt tokens / prompt t/s at that size: the prompt run ends with the first token's logits; "
+             "no decode step added")
+
+
 def render_table(res: BenchResult) -> str:
-    """Markdown table, llama-bench style (mean +- sd over repetitions)."""
+    """Markdown table, llama-bench style (mean +- sd over repetitions), then the comparisons."""
+    ttft = res.ttft_sizes
     lines = [f"model: {res.model} ({res.weight_bytes / GiB:.2f} GiB of weights), VRAM budget "
-             f"{res.budget_bytes / GiB:.2f} GiB, {res.threads} threads, {res.repetitions} repetitions",
-             "", "| side | placement | GPU GiB | pp{0} t/s | tg{1} t/s | GB read/token | GB/s |".format(
-                 res.n_prompt, res.n_gen),
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for s in res.sides.values():
-        d = s.summary()
-        pp = f"{d['pp_tps']:.2f} ± {d['pp_sd']:.2f}" if s.pp_samples else "-"
-        tg = f"{d['tg_tps']:.2f} ± {d['tg_sd']:.2f}" if s.tg_samples else "-"
-        gbps = f"{d['decode_gbps']:.1f}" if s.tg_samples else "-"
-        read = (f"{s.cpu_bytes / 1e9:.2f} CPU + {s.gpu_bytes_read / 1e9:.2f} GPU" if res.budget_bytes > 0
-                else f"{s.decode_bytes / 1e9:.3f}")
-        lines.append(f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} | {read} | {gbps} |")
-    j = res.to_json()
-    if "stock_alt" in res.sides:
-        lines.append(f"\nstock at this budget: the faster of -ngl and -ot, both run: {res.sides['stock'].strategy}")
+             f"{res.budget_bytes / GiB:.2f} GiB, {res.threads} threads, {res.repetitions} repetitions", "",
+             f"| side | placement | GPU GiB | pp{res.n_prompt} t/s | tg{res.n_gen} t/s | "
+             + "".join(f"TTFT {n} s | " for n in ttft) + "GB read/token | GB/s |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(ttft) + "---:|---:|"]
+    lines += [_side_row(res, s) for s in res.sides.values()]
+    return "\n".join(lines + [""] + _comparisons(res))
+
+
+def _side_row(res: BenchResult, s) -> str:
+    d = s.summary()
+    pp = f"{d['pp_tps']:.2f} ± {d['pp_sd']:.2f}" if s.pp_samples else "-"
+    tg = f"{d['tg_tps']:.2f} ± {d['tg_sd']:.2f}" if s.tg_samples else "-"
+    ttft = "".join(f"{s.ttft_seconds(n):.3f} | " if s.samples(n) else "- | " for n in res.ttft_sizes)
+    gbps = f"{d['decode_gbps']:.1f}" if s.tg_samples else "-"
+    read = (f"{s.cpu_bytes / 1e9:.2f} CPU + {s.gpu_bytes_read / 1e9:.2f} GPU" if res.budget_bytes > 0
+            else f"{s.decode_bytes / 1e9:.3f}")
+    return f"| {s.name} | {s.strategy} | {s.gpu_bytes / GiB:.2f} | {pp} | {tg} | {ttft}{read} | {gbps} |"
+
+
+def _comparisons(res: BenchResult) -> list[str]:
+    """The lines under the table: stock's faster way per measure, the ratios against it, the bound,
+    time to first token."""
+    j, lines = res.to_json(), []
+    if sum(name.startswith("stock") for name in res.sides) > 1:
+        ways = [f"at {label}: {st.strategy}" for m, label in (("pp", f"prompts (pp{res.n_prompt})"),
+                                                              ("tg", f"decode (tg{res.n_gen})"))
+                if (st := res.stock_for(m))]
+        lines.append("stock's faster way " + "; ".join(ways))
     if "ratio_tg" in j:
-        lines.append(f"\ndecode ratio ours/stock: {j['ratio_tg']:.2f}x")
+        lines.append(f"decode ratio ours/stock: {j['ratio_tg']:.2f}x")
     if "bound_tg" in j:
         kind = (f"two-sided bound (CPU {CPU_READ_GBPS:.0f} GB/s, GPU {GPU_READ_GBPS:.0f} GB/s)"
                 if res.budget_bytes > 0 else "bytes-per-token bound")
         lines.append(f"{kind}: {j['bound_tg']:.2f}x; reached {100 * j['share_of_bound']:.0f}% of it")
     if "ratio_pp" in j:
         lines.append(f"prompt ratio ours/stock: {j['ratio_pp']:.2f}x")
-    return "\n".join(lines)
+    if res.ttft_sizes:
+        lines.append(f"time to first token ({TTFT_RULE}; ratio: stock's time / ours'):")
+        lines += [_ttft_line(res, n) for n in res.ttft_sizes]
+    return lines
+
+
+def _ttft_line(res: BenchResult, n: int) -> str:
+    parts = []
+    if (ours := res.sides.get("ours")) is not None:
+        parts.append(f"ours {ours.ttft_seconds(n):.3f} s")
+    if (st := res.stock_for(n)) is not None:
+        parts.append(f"stock {st.ttft_seconds(n):.3f} s ({st.strategy})")
+    ratio = res.ratio(n)
+    return f"  {n} tokens: " + ", ".join(parts) + (f"; ratio {ratio:.2f}x" if ratio else "")
 
 
 def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
