@@ -96,48 +96,92 @@ def render_plot(res: BenchResult, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+SWEEP_COLUMNS = ("budget", "share of weights", "stock at decode", "stock tg t/s", "ours placement", "ours tg t/s",
+                 "tg ratio", "bound", "stock at prompts", "stock pp t/s", "ours pp t/s", "pp ratio")
+
+
 def render_sweep_table(results: list[BenchResult]) -> str:
+    """One row per budget: decode, then prompts, then time to first token; stock is its faster
+    way at each measure (named per budget in the tables above it)."""
     r0 = results[0]
+    ttft = sorted({n for r in results for n in r.ttft_sizes})
+    head = [*SWEEP_COLUMNS, *(f"TTFT {n} s stock / ours" for n in ttft)]
+    align = ["---:", "---:", "---", "---:", "---", "---:", "---:", "---:", "---", "---:", "---:", "---:"]
     lines = [f"model: {r0.model} ({r0.weight_bytes / GiB:.2f} GiB of weights), {r0.threads} threads, "
-             f"tg{r0.n_gen}, {r0.repetitions} repetitions", "",
-             "| budget | share of weights | stock (its best way) | stock t/s | ours placement | ours t/s | ratio | bound |",
-             "|---:|---:|---|---:|---|---:|---:|---:|"]
-    for r in results:
-        j = r.to_json()
-        st, ours = r.sides.get("stock"), r.sides.get("ours")
-        lines.append(f"| {r.budget_bytes / GiB:.2f} GiB | {100 * r.budget_bytes / r.weight_bytes:.0f}% | "
-                     f"{st.strategy if st else '-'} | {st.tg_tps if st else 0:.2f} | "
-                     f"{ours.strategy if ours else '-'} | {ours.tg_tps if ours else 0:.2f} | "
-                     f"{j.get('ratio_tg', 0):.2f}x | {j.get('bound_tg', 0):.2f}x |")
-    return "\n".join(lines)
+             f"tg{r0.n_gen}, pp{r0.n_prompt}, {r0.repetitions} repetitions", "",
+             _row(head), _row(align + ["---:"] * len(ttft))]
+    return "\n".join(lines + [_sweep_row(r, ttft) for r in results])
+
+
+def _sweep_row(r: BenchResult, ttft: list[int]) -> str:
+    j, ours = r.to_json(), r.sides.get("ours")
+    st_tg, st_pp = r.stock_for("tg"), r.stock_for("pp")
+    return _row([f"{r.budget_bytes / GiB:.2f} GiB", f"{100 * r.budget_bytes / r.weight_bytes:.0f}%",
+                 _way(st_tg), _tps(st_tg, "tg"), _way(ours), _tps(ours, "tg"), _times(j.get("ratio_tg")),
+                 _times(j.get("bound_tg")), _way(st_pp), _tps(st_pp, "pp"), _tps(ours, "pp"),
+                 _times(j.get("ratio_pp")),
+                 *(f"{_seconds(r.stock_for(n), n)} / {_seconds(ours, n)}" for n in ttft)])
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _way(side) -> str:
+    return side.strategy if side else "-"
+
+
+def _tps(side, measure) -> str:
+    return f"{side.tps(measure):.2f}" if side and side.samples(measure) else "-"
+
+
+def _seconds(side, n: int) -> str:
+    return f"{side.ttft_seconds(n):.3f}" if side and side.samples(n) else "-"
+
+
+def _times(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "-"
 
 
 def render_sweep_plot(results: list[BenchResult], path: str | os.PathLike) -> None:
-    """Decode tokens/s against the VRAM budget, stock and ours, ratios annotated."""
+    """Tokens/s against the VRAM budget, decode and prompts side by side: ours and stock's faster
+    way at each, ratios annotated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [100 * r.budget_bytes / r.weight_bytes for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, color in (("stock", "#888888"), ("ours", "#d62728")):
-        ys = [r.sides[name].tg_tps if name in r.sides else float("nan") for r in results]
-        ax.plot(x, ys, "o-", color=color, label=name)
-    for r, xi in zip(results, x):
-        j = r.to_json()
-        if "ratio_tg" in j:
-            ax.annotate(f"{j['ratio_tg']:.1f}x", (xi, r.sides["ours"].tg_tps), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("VRAM budget, % of the model's weights")
-    ax.set_ylabel(f"decode tokens/s (tg{results[0].n_gen})")
-    ax.set_title(f"{Path(results[0].model).name}: decode speed under a VRAM budget")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    r0 = results[0]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, m, label in ((axes[0], "tg", f"decode (tg{r0.n_gen})"), (axes[1], "pp", f"prompt (pp{r0.n_prompt})")):
+        _sweep_panel(ax, results, m)
+        ax.set_ylabel(f"{label} tokens/s")
+        ax.set_title(f"{label} under a VRAM budget")
+    fig.suptitle(f"{Path(r0.model).name}, {r0.threads} threads")
     fig.tight_layout()
     _write_whole(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
+
+
+def _sweep_panel(ax, results: list[BenchResult], measure: str) -> None:
+    """One measure's t/s against the budget: stock's faster way at it and ours, ratios annotated."""
+    x = [100 * r.budget_bytes / r.weight_bytes for r in results]
+    lines = {"stock (its faster way)": ([r.stock_for(measure) for r in results], "#888888"),
+             "ours": ([r.sides.get("ours") for r in results], "#d62728")}
+    ax.set_xlabel("VRAM budget, % of the model's weights")
+    if not any(s and s.samples(measure) for sides, _ in lines.values() for s in sides):
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+        return
+    for label, (sides, color) in lines.items():
+        ax.plot(x, [s.tps(measure) if s and s.samples(measure) else float("nan") for s in sides],
+                "o-", color=color, label=label)
+    for r, xi in zip(results, x):
+        if (ratio := r.ratio(measure)) is not None:
+            ax.annotate(f"{ratio:.1f}x", (xi, r.sides["ours"].tps(measure)), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
 
 
 def _write_whole(path: str | os.PathLike, write) -> None:
