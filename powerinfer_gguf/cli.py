@@ -95,26 +95,34 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("--sweep", default=None,
               help="comma-separated budgets (e.g. 0,10%,20%,40%,70%,100%): one run each, a table and "
                    "(--plot) decode speed against the budget")
+@click.option("--ttft", default=None, metavar="SIZES",
+              help="prompt sizes in tokens (e.g. 512,2048) to time the first token at on both sides, or none. "
+                   "Default: 512,2048 at a budget above 0 (a GPU at work), none at budget 0 (on a CPU alone a "
+                   "2048-token prompt of a 13B model takes minutes per run); in a sweep, per budget. TTFT = "
+                   "prompt tokens / prompt t/s at that size. The plans on both sides keep the KV cache of the "
+                   "longest run")
 @click.option("--profile", is_flag=True,
               help="instead: decode -n tokens with ours through the Python API and show where a token's time "
                    "goes (CPU sparse FFN per layer, its GB/s and threads, the rest)")
 @one_line_errors
 def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, force,
-              sweep, profile):
+              sweep, ttft, profile):
     """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
 
     MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
     GPU, stock runs both of its ways to use a small GPU (-ngl layer offload, -ot attention on the
-    GPU and FFN on the CPU) and the faster one is compared."""
+    GPU and FFN on the CPU) and each measure (prompts, decode, time to first token) compares ours
+    with the way faster at it."""
     if profile:
-        if stock_model or sweep or plot_path:
-            raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep or --plot")
+        if stock_model or sweep or plot_path or ttft:
+            raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep, --plot or --ttft")
         # libllama before numpy (bench imports it): in the GPU machine's Python (numpy 2.5) numpy
         # first and then libggml's load segfaults, with no Python frame to show (seen 2026-12-01)
         from . import Llama
         Llama  # noqa: B018  (resolved lazily: force the load now)
     from . import bench
 
+    ttft_sizes = bench.parse_ttft(ttft)
     _check_bench_outputs(json_path, plot_path, [model, stock_model], force)
     if profile:
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
@@ -123,9 +131,10 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
             bench.write_json(prof, json_path)
         return
     if sweep:
-        _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, json_path, plot_path)
+        _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, ttft_sizes, json_path,
+                     plot_path)
         return
-    res = bench.run_bench(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions,
+    res = bench.run_bench(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, ttft_sizes,
                           progress=lambda m: click.echo(m, err=True))
     click.echo(bench.render_table(res))
     if json_path:
@@ -142,11 +151,12 @@ def _check_bench_outputs(json_path, plot_path, inputs, force: bool) -> None:
     check_outputs([json_path, plot_path], [i for i in inputs if i], force=force)
 
 
-def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, json_path, plot_path) -> None:
+def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, ttft, json_path,
+                 plot_path) -> None:
     from . import bench
 
     results = bench.run_sweep(model, stock_model, [b for b in sweep.split(",") if b.strip()],
-                              threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                              threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, ttft=ttft,
                               progress=lambda m: click.echo(m, err=True))
     for r in results:
         click.echo(bench.render_table(r) + "\n")

@@ -42,6 +42,72 @@ def test_stock_offload_fills_the_budget_from_the_last_layer():
     assert three.ngl == 3 and three.gpu_bytes <= budget and three.weight_bytes == 50 + 2 * 100
 
 
+def _side(name, strategy, pp, tg, ttft=None):
+    from powerinfer_gguf.bench import SideResult
+    return SideResult(name, "llama-bench", "m.gguf", [], strategy, 0, 100, 100, 0, None, [pp, pp], [tg, tg],
+                      {n: [v] for n, v in (ttft or {}).items()})
+
+
+def _pick_case():
+    """Issue 15's run: -ngl 16 faster at decode, -ot faster at pp512 (1455 > 1136 t/s) and at
+    a 2048-token prompt, -ngl at a 512-token one."""
+    from powerinfer_gguf.bench import BenchResult
+    sides = {"stock": _side("stock", "-ngl 16/41", 1136.0, 9.0, {512: 1200.0, 2048: 900.0}),
+             "stock_ot": _side("stock_ot", "-ot: attention+KV+output on GPU, FFN of 12/40 layers on CPU", 1455.0, 6.0,
+                               {512: 1100.0, 2048: 1000.0}),
+             "ours": _side("ours", "planned at load", 1600.0, 27.0, {512: 1500.0, 2048: 1250.0})}
+    return BenchResult("m.gguf", 10 * GiB, 16, 512, 128, 2, 26 * GiB, sides)
+
+
+def test_stock_pick_follows_the_measure():
+    """Each measure compares ours with stock's way faster at that measure, and names it."""
+    from powerinfer_gguf.bench import faster_stock, render_table
+    res = _pick_case()
+    assert faster_stock(res.sides, "tg").name == "stock" and faster_stock(res.sides, "pp").name == "stock_ot"
+    assert faster_stock(res.sides, 512).name == "stock" and faster_stock(res.sides, 2048).name == "stock_ot"
+    assert faster_stock({"ours": res.sides["ours"]}, "tg") is None
+    d = res.to_json()
+    assert d["stock_way"] == {"pp": "stock_ot", "tg": "stock", "512": "stock", "2048": "stock_ot"}
+    assert d["ratio_tg"] == pytest.approx(27 / 9) and d["ratio_pp"] == pytest.approx(1600 / 1455)
+    assert d["ratio_ttft"] == {"512": pytest.approx(1500 / 1200), "2048": pytest.approx(1250 / 1000)}
+    assert d["ours"]["ttft"]["2048"]["seconds"] == pytest.approx(2048 / 1250)
+    text = render_table(res)
+    assert ("stock's faster way at prompts (pp512): -ot: attention+KV+output on GPU, FFN of 12/40 layers on CPU; "
+            "at decode (tg128): -ngl 16/41") in text
+    assert "decode ratio ours/stock: 3.00x" in text and "prompt ratio ours/stock: 1.10x" in text
+    assert "  2048 tokens: ours 1.638 s, stock 2.048 s (-ot: attention" in text and "ratio 1.25x" in text
+    assert "  512 tokens: ours 0.341 s, stock 0.427 s (-ngl 16/41); ratio 1.25x" in text
+
+
+def test_results_written_before_the_pick_per_measure_still_load(tmp_path):
+    """JSON of older runs ("stock" = the way faster at decode, "stock_alt" the other, no TTFT)
+    loads, and the pick is made again per measure."""
+    from powerinfer_gguf.bench import load_results, render_sweep_table
+    d = _pick_case().to_json()
+    for k in ("stock_way", "ratio_ttft"):
+        del d[k]
+    for side in ("stock", "stock_ot", "ours"):
+        del d[side]["ttft"]
+    d["stock_alt"] = d.pop("stock_ot")
+    (tmp_path / "old.json").write_text(json.dumps([d]))
+    back = load_results(tmp_path / "old.json")[0]
+    assert back.stock_for("pp").name == "stock_alt" and back.stock_for("tg").name == "stock"
+    assert back.ratio("pp") == pytest.approx(d["ratio_pp"]) and back.ttft_sizes == []
+    assert "| -ot: attention+KV+output on GPU, FFN of 12/40 layers on CPU | 1455.00 | 1600.00 | 1.10x |" in \
+        render_sweep_table([back])
+
+
+def test_ttft_sizes_parse_and_default():
+    """--ttft: sizes in tokens or none; not given: 512 and 2048 under a budget above 0, none at 0."""
+    from powerinfer_gguf.bench.runner import parse_ttft, ttft_sizes
+    assert parse_ttft("2048, 512,512") == [512, 2048] and parse_ttft("None") == [] and parse_ttft(None) is None
+    for bad in ("", "0", "-512", "512,", "2k", "512;2048"):
+        with pytest.raises(ValueError, match="give prompt sizes in tokens above 0"):
+            parse_ttft(bad)
+    assert ttft_sizes(None, 0) == [] and ttft_sizes(None, GiB) == [512, 2048]
+    assert ttft_sizes([64], 0) == [64] and ttft_sizes([], GiB) == []
+
+
 def test_model_sizes_from_file(tiny_model):
     res, _ = tiny_model
     s = ModelSizes.from_gguf(res.path)
@@ -61,8 +127,10 @@ def test_pi_bench_runs_stock_at_budget_zero(tiny_model, tmp_path):
              "--json", str(j), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     assert "| stock | -ngl 0/5" in r.stdout
+    assert "TTFT" not in r.stdout and "time to first token" not in r.stdout  # not by default at budget 0
     d = json.loads(j.read_text())
     assert d["budget_bytes"] == 0 and d["stock"]["tg_tps"] > 0 and d["stock"]["pp_tps"] > 0
+    assert "ttft" not in d["stock"] and d["stock_way"] == {"pp": "stock", "tg": "stock"}
     assert len(d["stock"]["tg_samples"]) == 2
     assert png.stat().st_size > 1000
 
@@ -83,13 +151,21 @@ def test_pi_bench_ours_against_stock(tiny_pi, tmp_path):
     _, ours, twin = tiny_pi
     j, png = tmp_path / "r.json", tmp_path / "r.png"
     r = _cli(str(ours), "--stock", str(twin), "--vram-budget", "0", "-p", "16", "-n", "8", "-r", "2", "-t", "2",
-             "--json", str(j), "--plot", str(png))
+             "--ttft", "64,16", "--json", str(j), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     assert "| stock | -ngl 0/5" in r.stdout and "| ours | sparse FFN, CPU" in r.stdout
     assert "bytes-per-token bound" in r.stdout
+    assert "| pp16 t/s | tg8 t/s | TTFT 16 s | TTFT 64 s |" in r.stdout
+    assert "time to first token (prompt tokens / prompt t/s" in r.stdout
+    assert "  64 tokens: ours " in r.stdout and "stock " in r.stdout.split("  64 tokens:")[1]
     d = json.loads(j.read_text())
     for side in ("stock", "ours"):
         assert d[side]["pp_tps"] > 0 and d[side]["tg_tps"] > 0 and len(d[side]["tg_samples"]) == 2
+        t = d[side]["ttft"]
+        assert sorted(t) == ["16", "64"] and len(t["64"]["pp_samples"]) == 2
+        assert t["64"]["seconds"] == pytest.approx(64 / t["64"]["pp_tps"])
+        assert t["16"]["pp_samples"] == d[side]["pp_samples"]  # -p 16 is a TTFT size too: run once
+    assert d["ratio_ttft"]["64"] == pytest.approx(d["stock"]["ttft"]["64"]["seconds"] / d["ours"]["ttft"]["64"]["seconds"])
     assert d["ratio_tg"] == pytest.approx(d["ours"]["tg_tps"] / d["stock"]["tg_tps"])
     assert d["budget_bytes"] == 0
     # ours reads fewer bytes per token than stock: the bound is above 1
@@ -119,14 +195,22 @@ def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
     from powerinfer_gguf import bench
     _, ours, twin = tiny_pi
     j, png = tmp_path / "s.json", tmp_path / "s.png"
-    r = _cli(str(ours), "--stock", str(twin), "--sweep", "0,0", "-p", "0", "-n", "8", "-r", "1", "-t", "2",
-             "--json", str(j), "--plot", str(png))
+    r = _cli(str(ours), "--stock", str(twin), "--sweep", "0,0", "-p", "8", "-n", "8", "-r", "1", "-t", "2",
+             "--ttft", "32", "--json", str(j), "--plot", str(png))
     assert r.returncode == 0, r.stderr
-    assert "| budget | share of weights |" in r.stdout
+    assert ("| budget | share of weights | stock at decode | stock tg t/s | ours placement | ours tg t/s | tg ratio "
+            "| bound | stock at prompts | stock pp t/s | ours pp t/s | pp ratio | TTFT 32 s stock / ours |") in r.stdout
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 0.00 GiB | 0% | -ngl 0/5 |")]
     assert len(rows) == 2
+    d = json.loads(j.read_text())
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[8] == "-ngl 0/5" and float(cells[9]) == pytest.approx(d[0]["stock"]["pp_tps"], abs=0.01)
+    assert float(cells[10]) == pytest.approx(d[0]["ours"]["pp_tps"], abs=0.01)
+    assert cells[11] == f"{d[0]['ratio_pp']:.2f}x"
+    assert cells[12] == f"{d[0]['stock']['ttft']['32']['seconds']:.3f} / {d[0]['ours']['ttft']['32']['seconds']:.3f}"
     back = bench.load_results(j)
-    assert len(back) == 2 and back[0].sides["ours"].tg_samples == json.loads(j.read_text())[0]["ours"]["tg_samples"]
+    assert len(back) == 2 and back[0].sides["ours"].tg_samples == d[0]["ours"]["tg_samples"]
+    assert back[1].sides["ours"].ttft_samples == {32: d[1]["ours"]["ttft"]["32"]["pp_samples"]}
     assert bench.render_sweep_table(back).splitlines()[-2:] == r.stdout.strip().splitlines()[-2:]
     assert png.stat().st_size > 1000
     assert_one_line_error(_cli(str(ours), "--stock", str(twin), "--sweep", ","), "at least one budget")
@@ -144,6 +228,8 @@ def test_pi_bench_sweep_table_plot_and_json_round_trip(tiny_pi, tmp_path):
     ("twin-not-gguf", "not a GGUF file"),
     ("profile-not-gguf", "not a GGUF file"),
     ("model-is-a-folder", "not a file"),
+    ("ttft-not-a-number", "--ttft '512,2k': give prompt sizes in tokens above 0"),
+    ("ttft-zero", "--ttft '0': give prompt sizes"),
 ])
 def test_pi_bench_refuses_bad_arguments_before_running(tiny_pi, tmp_path, case, msg):
     """Every argument and output path is checked before the first llama-bench run: one line, no
@@ -169,6 +255,8 @@ def test_pi_bench_refuses_bad_arguments_before_running(tiny_pi, tmp_path, case, 
         "twin-not-gguf": [ours, "--stock", text, *run],
         "profile-not-gguf": [text, "--profile", "-n", "2"],
         "model-is-a-folder": [tmp_path, *run],
+        "ttft-not-a-number": [ours, "--stock", twin, *run, "--ttft", "512,2k", "--json", tmp_path / "r.json"],
+        "ttft-zero": [ours, "--stock", twin, *run, "--sweep", "0,10%", "--ttft", "0"],
     }[case]
     assert_one_line_error(_cli(*args), msg)
     assert {p: p.stat().st_mtime_ns for p in (ours, twin)} == before

@@ -1,5 +1,9 @@
 """The one result record of a pi-bench run (llama-bench's idea): every rendering (table, JSON,
-plot) reads a BenchResult; load_results reads one back from its JSON."""
+plot) reads a BenchResult; load_results reads one back from its JSON.
+
+A *measure* is what a side is timed at: "pp" (prompts of -p tokens), "tg" (decode) or an int, the
+prompt size a time to first token (TTFT) is taken at. Stock may run two ways at one budget; each
+measure compares ours with the way faster at that measure (faster_stock)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +17,7 @@ from ..model_file import GiB, two_sided_seconds
 
 @dataclass
 class SideResult:
-    name: str                      # "stock" or "ours"
+    name: str                      # "stock" (-ngl), "stock_ot" (-ot) or "ours"
     binary: str
     model: str
     args: list[str]
@@ -25,6 +29,7 @@ class SideResult:
     placement: "Placement | None" = None  # ours under a budget: the planner's decision
     pp_samples: list[float] = field(default_factory=list)
     tg_samples: list[float] = field(default_factory=list)
+    ttft_samples: dict[int, list[float]] = field(default_factory=dict)  # prompt t/s per TTFT prompt size
 
     @staticmethod
     def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -40,6 +45,30 @@ class SideResult:
     def tg_tps(self) -> float:
         return self._mean_sd(self.tg_samples)[0]
 
+    def samples(self, measure: "str | int") -> list[float]:
+        """t/s samples of one measure: "pp", "tg", or a TTFT prompt size."""
+        if measure == "pp":
+            return self.pp_samples
+        if measure == "tg":
+            return self.tg_samples
+        return self.ttft_samples.get(measure, [])
+
+    def tps(self, measure: "str | int") -> float:
+        return self._mean_sd(self.samples(measure))[0]
+
+    def ttft_seconds(self, n_prompt: int) -> float:
+        """Time to first token for a prompt of n_prompt tokens: n_prompt / prompt t/s (llama-bench's
+        prompt run ends with the last token's logits, from which the first token is sampled)."""
+        tps = self.tps(n_prompt)
+        return n_prompt / tps if tps else 0.0
+
+    def ttft_summary(self) -> dict:
+        out = {}
+        for n, xs in sorted(self.ttft_samples.items()):
+            tps, sd = self._mean_sd(xs)
+            out[str(n)] = {"seconds": self.ttft_seconds(n), "pp_tps": tps, "pp_sd": sd, "pp_samples": xs}
+        return out
+
     def summary(self) -> dict:
         pp, pp_sd = self._mean_sd(self.pp_samples)
         tg, tg_sd = self._mean_sd(self.tg_samples)
@@ -50,7 +79,16 @@ class SideResult:
                 "decode_gbps": tg * self.decode_bytes / 1e9, "cpu_bytes_per_token": self.cpu_bytes,
                 "gpu_bytes_per_token": self.gpu_bytes_read,
                 "bound_seconds_per_token": two_sided_seconds(self.cpu_bytes, self.gpu_bytes_read),
+                **({"ttft": self.ttft_summary()} if self.ttft_samples else {}),
                 **({"placement": asdict(self.placement)} if self.placement else {})}
+
+
+def faster_stock(sides: dict[str, SideResult], measure: "str | int") -> SideResult | None:
+    """Of stock's ways run at one budget, the one with the most t/s at ``measure``; None when
+    stock has none measured. (Older JSON calls the way faster at decode "stock", the other
+    "stock_alt": both are stock's ways all the same.)"""
+    ways = [s for name, s in sides.items() if name.startswith("stock") and s.samples(measure)]
+    return max(ways, key=lambda s: s.tps(measure), default=None)
 
 
 @dataclass
@@ -64,28 +102,54 @@ class BenchResult:
     weight_bytes: int
     sides: dict[str, SideResult]
 
+    @property
+    def ttft_sizes(self) -> list[int]:
+        """The prompt sizes a time to first token was measured at."""
+        return sorted({n for s in self.sides.values() for n in s.ttft_samples})
+
+    def stock_for(self, measure: "str | int") -> SideResult | None:
+        """Stock's way that ours is compared with at ``measure``: the faster one at it."""
+        return faster_stock(self.sides, measure)
+
+    def ratio(self, measure: "str | int") -> float | None:
+        """Ours' t/s over stock's faster way's at one measure (at a TTFT prompt size: stock's time
+        to first token over ours'); None without both."""
+        ours, st = self.sides.get("ours"), self.stock_for(measure)
+        if ours is None or st is None or not ours.samples(measure):
+            return None
+        return ours.tps(measure) / st.tps(measure)
+
     def to_json(self) -> dict:
         d = {"model": self.model, "budget_bytes": self.budget_bytes, "threads": self.threads,
              "n_prompt": self.n_prompt, "n_gen": self.n_gen, "repetitions": self.repetitions,
              "weight_bytes": self.weight_bytes}
         for name, side in self.sides.items():
             d[name] = side.summary()
-        if "stock" in self.sides and "ours" in self.sides and self.sides["stock"].tg_tps:
-            d["ratio_tg"] = self.sides["ours"].tg_tps / self.sides["stock"].tg_tps
-            if self.sides["stock"].pp_tps:
-                d["ratio_pp"] = self.sides["ours"].pp_tps / self.sides["stock"].pp_tps
-            st, ours = self.sides["stock"], self.sides["ours"]
-            if self.budget_bytes > 0 and ours.cpu_bytes + ours.gpu_bytes_read:
-                # two-sided bound: bytes from CPU memory at CPU_READ_GBPS plus bytes from VRAM at
-                # GPU_READ_GBPS, per token, stock's over ours
-                d["bound_tg"] = (two_sided_seconds(st.cpu_bytes, st.gpu_bytes_read)
-                                 / two_sided_seconds(ours.cpu_bytes, ours.gpu_bytes_read))
-                d["share_of_bound"] = d["ratio_tg"] / d["bound_tg"]
-            elif ours.decode_bytes:
-                # bytes-per-token bound: the ratio if both sides read weights at the same speed
-                d["bound_tg"] = st.decode_bytes / ours.decode_bytes
-                d["share_of_bound"] = d["ratio_tg"] / d["bound_tg"]
+        measures = ["pp", "tg", *self.ttft_sizes]
+        d["stock_way"] = {str(m): st.name for m in measures if (st := self.stock_for(m))}
+        for m in ("tg", "pp"):
+            if (r := self.ratio(m)) is not None:
+                d[f"ratio_{m}"] = r
+        if ttft := {str(n): r for n in self.ttft_sizes if (r := self.ratio(n)) is not None}:
+            d["ratio_ttft"] = ttft
+        if "ratio_tg" in d:
+            d.update(self._bound())
         return d
+
+    def _bound(self) -> dict:
+        """The decode ratio's bound and the share of it reached, against stock's way faster at decode."""
+        st, ours, ratio = self.stock_for("tg"), self.sides["ours"], self.ratio("tg")
+        if self.budget_bytes > 0 and ours.cpu_bytes + ours.gpu_bytes_read:
+            # two-sided bound: bytes from CPU memory at CPU_READ_GBPS plus bytes from VRAM at
+            # GPU_READ_GBPS, per token, stock's over ours
+            bound = (two_sided_seconds(st.cpu_bytes, st.gpu_bytes_read)
+                     / two_sided_seconds(ours.cpu_bytes, ours.gpu_bytes_read))
+        elif ours.decode_bytes:
+            # bytes-per-token bound: the ratio if both sides read weights at the same speed
+            bound = st.decode_bytes / ours.decode_bytes
+        else:
+            return {}
+        return {"bound_tg": bound, "share_of_bound": ratio / bound}
 
 
 @dataclass
@@ -114,16 +178,19 @@ def load_results(path: str | os.PathLike) -> list[BenchResult]:
     data = json.loads(Path(path).read_text())
     out = []
     for d in data if isinstance(data, list) else [data]:
-        sides = {}
-        for name in ("stock", "stock_alt", "ours"):
-            if name not in d:
-                continue
-            x = d[name]
-            pl = x.get("placement")
-            sides[name] = SideResult(name, x["binary"], x["model"], x["args"], x["strategy"], x["gpu_bytes"],
-                                     x.get("decode_bytes", 0), x.get("cpu_bytes_per_token", 0),
-                                     x.get("gpu_bytes_per_token", 0), Placement(**pl) if pl else None,
-                                     list(x["pp_samples"]), list(x["tg_samples"]))
+        sides = {name: _side_from_json(name, d[name]) for name in SIDE_NAMES if name in d}
         out.append(BenchResult(d["model"], d["budget_bytes"], d["threads"], d["n_prompt"], d["n_gen"],
                                d["repetitions"], d["weight_bytes"], sides))
     return out
+
+
+SIDE_NAMES = ("stock", "stock_ot", "stock_alt", "ours")  # stock_alt: JSON written before issue 15
+
+
+def _side_from_json(name: str, x: dict) -> SideResult:
+    pl = x.get("placement")
+    ttft = {int(n): list(t["pp_samples"]) for n, t in x.get("ttft", {}).items()}
+    return SideResult(name, x["binary"], x["model"], x["args"], x["strategy"], x["gpu_bytes"],
+                      x.get("decode_bytes", 0), x.get("cpu_bytes_per_token", 0),
+                      x.get("gpu_bytes_per_token", 0), Placement(**pl) if pl else None,
+                      list(x["pp_samples"]), list(x["tg_samples"]), ttft)

@@ -68,6 +68,35 @@ def check_counts(n_prompt: int, n_gen: int, repetitions: int, threads: int | Non
         raise ValueError("need at least one repetition")
 
 
+DEFAULT_TTFT = (512, 2048)
+
+
+def parse_ttft(text: str | None) -> list[int] | None:
+    """--ttft's prompt sizes: "512,2048" (tokens), "none"; None (not given) leaves the default to
+    the budget (ttft_sizes)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        sizes = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--ttft {text!r}: give prompt sizes in tokens above 0, comma-separated "
+                         "(e.g. 512,2048), or none")
+    return sizes
+
+
+def ttft_sizes(ttft: list[int] | None, budget_bytes: int) -> list[int]:
+    """The prompt sizes to time the first token at: as given, else 512 and 2048 when a budget
+    above 0 puts a GPU to work (on a CPU alone a 13B model's 2048-token prompt takes minutes per
+    run), else none."""
+    if ttft is not None:
+        return ttft
+    return list(DEFAULT_TTFT) if budget_bytes > 0 else []
+
+
 def planned_placement(sizes: ModelSizes, budget_bytes: int, n_ctx: int) -> Placement:
     """Our planner's decision for this file and budget, through the C API (llama.cpp plans the
     file without loading it): layers on the GPU, hot rows per layer, their bytes and mass. A budget
@@ -86,12 +115,12 @@ def planned_placement(sizes: ModelSizes, budget_bytes: int, n_ctx: int) -> Place
     return Placement(sum(on_gpu), True, base / GiB, hot / GiB, 100.0 * mass_gpu / mass_all if mass_all else 0.0, rows)
 
 
-def llama_bench_once(binary: str, model: str, args: list[str], n_prompt: int, n_gen: int,
-                     threads: int, log: list[str] | None = None) -> tuple[float | None, float | None]:
-    """One repetition of llama-bench (its own warm-up included); returns (pp t/s, tg t/s).
-    ``log`` gets llama.cpp's log lines (stderr)."""
-    cmd = [binary, "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-           "-r", "1", "-o", "json", *args]
+def llama_bench_once(binary: str, model: str, args: list[str], prompts: list[int], n_gen: int,
+                     threads: int, log: list[str] | None = None) -> tuple[dict[int, float], float | None]:
+    """One repetition of llama-bench (its own warm-up included) at each prompt size and at
+    decode; returns ({prompt size: pp t/s}, tg t/s). ``log`` gets llama.cpp's log lines (stderr)."""
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", ",".join(map(str, prompts or [0])),
+           "-n", str(n_gen), "-r", "1", "-o", "json", *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if log is not None:
         log[:] = r.stderr.splitlines()
@@ -105,29 +134,54 @@ def llama_bench_once(binary: str, model: str, args: list[str], n_prompt: int, n_
         records = json.loads(r.stdout)
     except json.JSONDecodeError:
         raise RuntimeError(f"{Path(binary).name}: unreadable JSON output") from None
-    pp = tg = None
+    pp, tg = {}, None
     for rec in records:
         if rec.get("n_prompt", 0) > 0 and rec.get("n_gen", 0) == 0:
-            pp = float(rec["avg_ts"])
+            pp[int(rec["n_prompt"])] = float(rec["avg_ts"])
         elif rec.get("n_gen", 0) > 0 and rec.get("n_prompt", 0) == 0:
             tg = float(rec["avg_ts"])
     return pp, tg
 
 
+@dataclass
+class Runs:
+    """What each side is timed at, each round: -p, -n, the TTFT prompt sizes; and how often, on
+    how many threads."""
+
+    n_prompt: int
+    n_gen: int
+    ttft: list[int]
+    repetitions: int
+    threads: int
+
+    @property
+    def prompts(self) -> list[int]:
+        """llama-bench's -p list: -p itself and the TTFT sizes, each once."""
+        return sorted({self.n_prompt, *self.ttft} - {0})
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest context a run needs: the plans on both sides keep its KV cache."""
+        return max([self.n_prompt + self.n_gen, *self.ttft])
+
+
 def run_bench(model: str, stock_model: str | None = None, budget: str | int = 0,
               threads: int | None = None, n_prompt: int = 64, n_gen: int = 128,
-              repetitions: int = 3, progress=print) -> BenchResult:
+              repetitions: int = 3, ttft: list[int] | None = None, progress=print) -> BenchResult:
     """Both sides at one budget: ours (patched llama-bench on our sparse file) and stock
     (unpatched llama-bench on the stock twin, or on ``model`` itself when it is a plain GGUF),
-    one repetition per invocation, interleaved round by round."""
+    one repetition per invocation, interleaved round by round. ``ttft``: prompt sizes to time
+    the first token at (None: ttft_sizes' default)."""
     check_counts(n_prompt, n_gen, repetitions, threads)
     pair = ModelPair.read(model, stock_model)
     budget_bytes = resolve_budget(budget, pair.ref.weight_bytes)
-    return _run_pair(pair, budget_bytes, threads or os.cpu_count() or 1, n_prompt, n_gen, repetitions, progress)
+    runs = Runs(n_prompt, n_gen, ttft_sizes(ttft, budget_bytes), repetitions, threads or os.cpu_count() or 1)
+    return _run_pair(pair, budget_bytes, runs, progress)
 
 
 def run_sweep(model: str, stock_model: str | None, budgets: list[str], threads: int | None = None,
-              n_prompt: int = 64, n_gen: int = 128, repetitions: int = 3, progress=print) -> list[BenchResult]:
+              n_prompt: int = 64, n_gen: int = 128, repetitions: int = 3, ttft: list[int] | None = None,
+              progress=print) -> list[BenchResult]:
     """run_bench at each budget in turn ("0", "10%", "8GiB", ...), every budget read first."""
     if not budgets:
         raise ValueError("--sweep needs at least one budget")
@@ -135,24 +189,23 @@ def run_sweep(model: str, stock_model: str | None, budgets: list[str], threads: 
     pair = ModelPair.read(model, stock_model)
     resolved = [resolve_budget(b, pair.ref.weight_bytes) for b in budgets]
     threads = threads or os.cpu_count() or 1
-    return [_run_pair(pair, b, threads, n_prompt, n_gen, repetitions, progress) for b in resolved]
+    return [_run_pair(pair, b, Runs(n_prompt, n_gen, ttft_sizes(ttft, b), repetitions, threads), progress)
+            for b in resolved]
 
 
-def _run_pair(pair: ModelPair, budget_bytes: int, threads: int, n_prompt: int, n_gen: int,
-              repetitions: int, progress) -> BenchResult:
+def _run_pair(pair: ModelPair, budget_bytes: int, runs: Runs, progress) -> BenchResult:
     from ..build import bin_path
 
-    n_ctx = n_prompt + n_gen
     sides: dict[str, SideResult] = {}
     if pair.stock_sizes is not None:
         sides.update(stock_sides(pair.stock_sizes, pair.stock_path, str(bin_path("stock", "llama-bench")),
-                                 budget_bytes, n_ctx))
+                                 budget_bytes, runs.n_ctx))
     if pair.ours:
-        sides["ours"] = _ours_side(pair.sizes, str(bin_path("patched", "llama-bench")), budget_bytes, n_ctx)
-    for rep in range(repetitions):
-        _run_round(sides, pair.sizes, budget_bytes, rep, repetitions, n_prompt, n_gen, threads, progress)
-    return BenchResult(pair.sizes.path, budget_bytes, threads, n_prompt, n_gen, repetitions, pair.ref.weight_bytes,
-                       _faster_stock_first(sides))
+        sides["ours"] = _ours_side(pair.sizes, str(bin_path("patched", "llama-bench")), budget_bytes, runs.n_ctx)
+    for rep in range(runs.repetitions):
+        _run_round(sides, rep, runs, progress)
+    return BenchResult(pair.sizes.path, budget_bytes, runs.threads, runs.n_prompt, runs.n_gen, runs.repetitions,
+                       pair.ref.weight_bytes, sides)
 
 
 def _ours_side(sizes: ModelSizes, binary: str, budget_bytes: int, n_ctx: int) -> SideResult:
@@ -169,17 +222,19 @@ def _ours_side(sizes: ModelSizes, binary: str, budget_bytes: int, n_ctx: int) ->
     return side
 
 
-def _run_round(sides: dict[str, SideResult], sizes: ModelSizes, budget_bytes: int, rep: int, repetitions: int,
-               n_prompt: int, n_gen: int, threads: int, progress) -> None:
+def _run_round(sides: dict[str, SideResult], rep: int, runs: Runs, progress) -> None:
     # ours first: a budget llama.cpp refuses fails the run before stock has spent its time
     for side in sorted(sides.values(), key=lambda x: x.name != "ours"):
-        pp, tg = llama_bench_once(side.binary, side.model, side.args, n_prompt, n_gen, threads)
-        if pp is not None:
-            side.pp_samples.append(pp)
+        pp, tg = llama_bench_once(side.binary, side.model, side.args, runs.prompts, runs.n_gen, runs.threads)
+        if runs.n_prompt in pp:
+            side.pp_samples.append(pp[runs.n_prompt])
+        for n in runs.ttft:
+            side.ttft_samples.setdefault(n, []).append(pp[n])
         if tg is not None:
             side.tg_samples.append(tg)
-        progress(f"[{rep + 1}/{repetitions}] {side.name}: "
-                 + (f"pp{n_prompt} {pp:.2f} t/s  " if pp else "") + (f"tg{n_gen} {tg:.2f} t/s" if tg else ""))
+        progress(f"[{rep + 1}/{runs.repetitions}] {side.name}: "
+                 + "".join(f"pp{n} {v:.2f} t/s  " for n, v in sorted(pp.items()))
+                 + (f"tg{runs.n_gen} {tg:.2f} t/s" if tg else ""))
 
 
 def _take_placement(side: SideResult, sizes: ModelSizes, pl: Placement) -> None:
@@ -191,12 +246,3 @@ def _take_placement(side: SideResult, sizes: ModelSizes, pl: Placement) -> None:
         pl.gpu_rows, [i >= sizes.n_layer - pl.layers for i in range(sizes.n_layer)], pl.output)
     side.decode_bytes = side.cpu_bytes + side.gpu_bytes_read
 
-
-def _faster_stock_first(sides: dict[str, SideResult]) -> dict[str, SideResult]:
-    """With both of stock's ways run, the table and the ratio use the faster one ("stock"); the
-    other is "stock_alt"."""
-    if "stock_ot" not in sides:
-        return sides
-    best, alt = sorted((sides.pop("stock"), sides.pop("stock_ot")), key=lambda x: -x.tg_tps)
-    best.name, alt.name = "stock", "stock_alt"
-    return {"stock": best, "stock_alt": alt, **sides}
