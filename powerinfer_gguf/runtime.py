@@ -56,7 +56,7 @@ class _LayerStatsC(ctypes.Structure):
     # include/llama-powerinfer.h: struct llama_pi_layer_stats
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("n_evals", "n_tokens", "n_rows", "n_predicted", "n_fired",
-                 "cpu_bytes", "cpu_ns", "cpu_threads", "cpu_evals_tiles")]
+                 "cpu_bytes", "cpu_ns", "cpu_threads", "cpu_evals_tiles", "cpu_union")]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class LayerStats:
     cpu_ns: int = 0       # wall time in the CPU kernel
     cpu_threads: int = 0  # threads of its last evaluation (0: the CPU kernel never ran)
     cpu_evals_tiles: int = 0  # CPU evaluations that took the tiles way (the others: pairs)
+    cpu_union: int = 0        # rows any token of a ubatch selected, summed over CPU evaluations
 
     @property
     def cpu_ms_per_token(self) -> float:
@@ -371,7 +372,7 @@ def _make_llama_class():
                     return []
                 out.append(LayerStats(il, int(st.n_tokens), n_ff, int(st.n_predicted), int(st.n_fired),
                                       int(st.cpu_bytes), int(st.cpu_ns), int(st.cpu_threads),
-                                      int(st.cpu_evals_tiles)))
+                                      int(st.cpu_evals_tiles), int(st.cpu_union)))
             return out
 
         def placement(self) -> list[LayerPlacement]:

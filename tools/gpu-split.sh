@@ -9,7 +9,7 @@
 #   PRESET=13b tools/gpu-split.sh synth
 #                              writes that pair (other presets' files removed first; 13B ~440 s)
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
-#                              pi-bench at BUDGET and at 0: pp512 + tg32, then pp2048; ours' budget-0
+#                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048; ours' budget-0
 #                              decode with rows in pinned or plain memory (llama-bench)
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
@@ -88,12 +88,14 @@ prompt)
         local b=$1; shift
         python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget $b -t 16 "$@" 2>&1 | grep -v "^\["
     }
+    # decode and pp512 with the KV cache of that run (as the decode figures before), then time to
+    # first token of 512 and 2048 tokens (KV for 2048: fewer hot rows fit)
     for b in ${BUDGET:-10GiB} 0; do
-        bench $b -p 512 -n 32 -r 2 --json "$OUT/$P-pp512-${b%\%}.json" | tee "$OUT/$P-pp512-${b%\%}.txt"
+        bench $b -p 512 -n 32 -r 2 --ttft none --json "$OUT/$P-pp512-${b%\%}.json" | tee "$OUT/$P-pp512-${b%\%}.txt"
         el "pp512 + tg32 at $b done"
     done
-    bench ${BUDGET:-10GiB} -p 2048 -n 8 -r 2 --json "$OUT/$P-pp2048.json" | tee "$OUT/$P-pp2048.txt"
-    el "pp2048 done"
+    bench ${BUDGET:-10GiB} -p 512 -n 8 -r 2 --ttft 512,2048 --json "$OUT/$P-ttft.json" | tee "$OUT/$P-ttft.txt"
+    el "time to first token done"
     # budget 0: ours' rows in a GPU's pinned host memory (the default: large ubatches copy them to
     # the GPU) or plain memory with 2 MB pages (the CPU kernel's scattered reads)
     for pinned in true false; do
@@ -107,7 +109,7 @@ head)
     el "synth rc $(cat $M/$P.synth.rc 2>/dev/null)"; tail -3 $M/$P.synth.log | tr '\r' '\n' | tail -3
     ls -la $M
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-40%} -t 16 \
-        -p 0 -n 32 -r 2 --json "$OUT/$P-head.json" 2>&1 | tee "$OUT/$P-head.txt" | grep -v "^\["
+        -p 0 -n 32 -r 2 --ttft none --json "$OUT/$P-head.json" 2>&1 | tee "$OUT/$P-head.txt" | grep -v "^\["
     el "head-to-head done"
     ;;
 profile)
@@ -162,8 +164,8 @@ check)
     el "check done"
     ;;
 sweep)
-    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --sweep 0,10%,20%,40%,70%,100% \
-        -t 16 -p 0 -n 32 -r 1 --json "$OUT/$P-sweep.json" 2>&1 | tee "$OUT/$P-sweep.txt" | grep -v "^\["
+    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --sweep 0,10%,20%,40%,70%,100% --ttft none \
+        -t 16 -p 512 -n 32 -r 1 --json "$OUT/$P-sweep.json" 2>&1 | tee "$OUT/$P-sweep.txt" | grep -v "^\["
     el "sweep done"
     ;;
 *)

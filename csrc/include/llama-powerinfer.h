@@ -35,6 +35,7 @@ extern "C" {
         int64_t cpu_ns;      // wall time in the CPU kernel
         int64_t cpu_threads; // threads of its last evaluation (0: never ran on the CPU)
         int64_t cpu_evals_tiles; // CPU evaluations that took the tiles way (v6; the others: pairs)
+        int64_t cpu_union;       // rows any token of a ubatch selected, summed over CPU evaluations (v6)
     };
 
     // 0 and *out filled; -1 when the model has no sparse layout or il is out of range.

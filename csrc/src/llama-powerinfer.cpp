@@ -55,6 +55,7 @@ int32_t llama_pi_get_layer_stats(const struct llama_model * model, int32_t il, s
     out->cpu_ns      = ld(l.pi.stats.ns)          + ld(l.pi.stats_cold.ns);
     out->cpu_threads = std::max(ld(l.pi.stats.n_threads), ld(l.pi.stats_cold.n_threads));
     out->cpu_evals_tiles = ld(l.pi.stats.n_evals_tiles) + ld(l.pi.stats_cold.n_evals_tiles);
+    out->cpu_union       = ld(l.pi.stats.n_union)       + ld(l.pi.stats_cold.n_union);
     return 0;
 }
 

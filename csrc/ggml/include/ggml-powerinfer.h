@@ -28,7 +28,7 @@ extern "C" {
     // at least GGML_PI_TILE_MIN_TOKENS tokens and its selected (row, token) pairs times
     // GGML_PI_TILE_GAIN reach the union of selected rows times the tokens (a pair costs about
     // GAIN times a tile's (row, token); measured, docs/NOTES.md "pairs or tiles").
-    #define GGML_PI_TILE_GAIN       3.0
+    #define GGML_PI_TILE_GAIN       4.0
     #define GGML_PI_TILE_MIN_TOKENS 4
 
     // Counters a kernel adds to (atomically) on every evaluation, when the op is given them.
@@ -43,6 +43,7 @@ extern "C" {
         int64_t ns;          // wall time inside the kernel (thread 0, entry to exit), summed
         int64_t n_threads;   // threads of the last evaluation
         int64_t n_evals_tiles; // CPU evaluations that ran the tiles way (the others: pairs)
+        int64_t n_union;       // CPU: rows any token of the ubatch selected, summed over evaluations
     };
 
     // out[:, t] = sum over rows j with score[j, t] > threshold[j] of h_j(x_t) * down_t[:, j]

@@ -791,5 +791,6 @@ extern "C" void ggml_compute_forward_pi_sparse_ffn(const ggml_compute_params * p
         __atomic_fetch_add(&stats->ns, ns, __ATOMIC_RELAXED);
         __atomic_store_n(&stats->n_threads, (int64_t) params->nth, __ATOMIC_RELAXED);
         __atomic_fetch_add(&stats->n_evals_tiles, (int64_t) tiles, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&stats->n_union, n_act, __ATOMIC_RELAXED);
     }
 }
