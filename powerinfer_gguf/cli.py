@@ -113,13 +113,13 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
     GPU, stock runs both of its ways to use a small GPU (-ngl layer offload, -ot attention on the
     GPU and FFN on the CPU) and each measure (prompts, decode, time to first token) compares ours
     with the way faster at it."""
-    if profile:
-        if stock_model or sweep or plot_path or ttft:
-            raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep, --plot or --ttft")
-        # libllama before numpy (bench imports it): in the GPU machine's Python (numpy 2.5) numpy
-        # first and then libggml's load segfaults, with no Python frame to show (seen 2026-12-01)
-        from . import Llama
-        Llama  # noqa: B018  (resolved lazily: force the load now)
+    if profile and (stock_model or sweep or plot_path or ttft):
+        raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep, --plot or --ttft")
+    # libllama before numpy (bench imports it; --profile and the plan of ours at a budget load
+    # libllama): in the GPU machine's Python (numpy 2.5) numpy first and then libggml's load
+    # segfaults (seen 2026-12-01 with --profile, 2026-12-03 planning at a budget)
+    from . import Llama
+    Llama  # noqa: B018  (resolved lazily: force the load now)
     from . import bench
 
     ttft_sizes = bench.parse_ttft(ttft)

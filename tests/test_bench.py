@@ -36,10 +36,12 @@ def test_stock_offload_fills_the_budget_from_the_last_layer():
     plan = stock_offload(s, 10**9, n_ctx)
     assert plan.ngl == s.n_layer + 1  # everything, output layer too
     assert plan.weight_bytes == 4 * 100 + 50 and plan.kv_bytes == 4 * kv
-    # llama.cpp's order: the output layer first (-ngl 1), then repeating layers from the last
-    budget = compute_buffer_estimate(s, n_ctx, n_ctx, True) + 50 + 2 * (100 + kv) + 1
+    # llama.cpp's order: the output layer first (-ngl 1), then repeating layers from the last; a
+    # layer left on the CPU has its weights copied over for a large ubatch (staging: 100 bytes)
+    budget = compute_buffer_estimate(s, n_ctx, n_ctx, True) + 50 + 2 * (100 + kv) + 100
     three = stock_offload(s, budget, n_ctx)
     assert three.ngl == 3 and three.gpu_bytes <= budget and three.weight_bytes == 50 + 2 * 100
+    assert stock_offload(s, budget - 1, n_ctx).ngl == 2  # the staging counts
 
 
 def _side(name, strategy, pp, tg, ttft=None):

@@ -9,8 +9,7 @@
 #   PRESET=13b tools/gpu-split.sh synth
 #                              writes that pair (other presets' files removed first; 13B ~440 s)
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
-#                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048; ours' budget-0
-#                              decode with rows in pinned or plain memory (llama-bench)
+#                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
@@ -84,6 +83,7 @@ kernel)
     el "test-backend-ops done"
     ;;
 prompt)
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)  # ours is planned through the Python API
     bench() {  # pi-bench of the pair at a budget, more options after it
         local b=$1; shift
         python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget $b -t 16 "$@" 2>&1 | grep -v "^\["
@@ -96,13 +96,6 @@ prompt)
     done
     bench ${BUDGET:-10GiB} -p 512 -n 8 -r 2 --ttft 512,2048 --json "$OUT/$P-ttft.json" | tee "$OUT/$P-ttft.txt"
     el "time to first token done"
-    # budget 0: ours' rows in a GPU's pinned host memory (the default: large ubatches copy them to
-    # the GPU) or plain memory with 2 MB pages (the CPU kernel's scattered reads)
-    for pinned in true false; do
-        $(pi_patched_bin)/llama-bench -m $M/$P.pi.gguf -ngl 0 -lm none -t 16 -p 512 -n 32 -r 2 \
-            --override-kv powerinfer.runtime.rows_pinned=bool:$pinned 2>&1 | grep -E "pp512|tg32" | sed "s/^/pinned=$pinned /"
-    done | tee "$OUT/$P-pinned-ab.txt"
-    el "pinned A/B done"
     ;;
 head)
     while [ ! -f $M/$P.synth.rc ] && [ $(( $(date +%s) - t0 )) -lt 500 ]; do sleep 5; done
@@ -125,7 +118,6 @@ profile)
     # everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
     { tg 77309411328; tg 77309411328 --override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32)); } \
         | grep -E "tg32|powerinfer: VRAM" | cut -c1-220 | tee "$OUT/$P-profile.txt"
-    # (the rows_pinned A/B ran on 2026-12-01: no difference; docs/NOTES.md)
     # the CPU part's thread pool between layers: spinning (--poll 100) or sleeping (0) while the
     # GPU works, threads pinned or not (a split layer's CPU op is ~0.4 ms; a wake-up weighs there)
     BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-40%}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")

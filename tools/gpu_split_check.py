@@ -41,12 +41,13 @@ def main(path: str, budgets: list[str]) -> int:
             s_agree = float((sparse.argmax(-1) == ref.argmax(-1)).mean())
             gpu_rows = sum(p.gpu_rows for p in pl)
             rows = sum(p.neurons for p in pl)
-            good = err < 2e-3 and agree == 1.0
+            tol = 1e-2 if step >= 32 else 2e-3  # large ubatches: cuBLAS GEMMs with x rounded to F16
+            good = err < tol and agree == 1.0
             ways = ""
             if step >= 32:
                 op, _ = logits(path, budget, step, ffn_way="pairs")
                 w_err = float(np.abs(sparse - op).max() / scale)
-                good &= w_err < 2e-3
+                good &= w_err < tol
                 ways = f"; predicted, as chosen vs the op everywhere {w_err:.2e}"
             ok &= good
             print(f"{mode} budget {budget:>4}: layers with attention on GPU "

@@ -18,7 +18,6 @@ struct llama_pi_hparams {
 
     bool     rt_sparse      = true;      // false: dense FFN over our layout
     bool     rt_all_active  = false;     // true: every neuron computed on the sparse path
-    bool     rt_rows_pinned = true;      // rows in CPU memory in a GPU's pinned host buffers, when there is a GPU
     uint32_t rt_way         = 0;         // enum llama_pi_way: how each part of the FFN runs (0: chosen per ubatch)
 
     // placement: layer il keeps its dev rows [0, dev_rows[il]) on its own device (a GPU layer: its

@@ -29,7 +29,6 @@ struct llama_model_base;
 #define LLAMA_PI_KEY_RT_VRAM_RESERVE  "powerinfer.runtime.vram_reserve"      // int bytes for compute buffers (default: estimated)
 #define LLAMA_PI_KEY_RT_SPLIT_COST_US "powerinfer.runtime.split_cost_us"     // int, per-layer CPU hand-off cost, default 70
 #define LLAMA_PI_KEY_RT_PLAN_NO_GPU   "powerinfer.runtime.plan_without_gpu"  // bool: plan a budget with no GPU (tests)
-#define LLAMA_PI_KEY_RT_ROWS_PINNED   "powerinfer.runtime.rows_pinned"       // bool: CPU rows in a GPU's pinned host memory (default true)
 
 // FFN activations of LLaMA-family models (powerinfer_gguf/format.py ACTIVATIONS).
 enum llama_pi_act : uint32_t {

@@ -143,7 +143,6 @@ void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
 
     hparams.pi.rt_sparse     = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_SPARSE, true);
     hparams.pi.rt_all_active = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ALL_ACTIVE, false);
-    hparams.pi.rt_rows_pinned = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ROWS_PINNED, true);
     hparams.pi.rt_way        = pi_runtime_way(ml);
 }
 
@@ -180,9 +179,9 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
     // whole on the layer's device; h = 0: whole in CPU memory; else each row tensor is split in two
     // over the file's bytes. create_tensor checks each shape and fails the load naming the tensor.
     const int64_t h = model.hparams.pi.placed ? model.hparams.pi.dev_rows[il] : n_ff;
-    // rows in CPU memory go to a GPU's pinned host buffers when there is a GPU (large ubatches copy
-    // them to the GPU: pinned memory copies at full speed), plain CPU memory (2 MB pages) otherwise
-    const bool pinned = model.hparams.pi.rt_rows_pinned;
+    // rows in CPU memory go to a GPU's pinned host buffers when there is a GPU: large ubatches copy
+    // them to the GPU, 3.5x faster from pinned memory (13B at budget 0, docs/NOTES.md), and decode
+    // read them as fast as from plain memory with 2 MB pages (which a CPU-only machine gets)
     const bool layer_on_cpu = ggml_backend_dev_type(model.dev_layer(il)) == GGML_BACKEND_DEVICE_TYPE_CPU;
     auto rows_tensor = [&](llm_tensor t, const char * suffix, std::initializer_list<int64_t> full, ggml_tensor ** cold) {
         const std::string name = tn(t, suffix, il);
@@ -190,7 +189,7 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
             return model.create_tensor(tn(t, suffix, il), full, 0);
         }
         if (h == n_ff || h == 0) {
-            return model.create_tensor_cpu(tn(t, suffix, il), full, 0, pinned);
+            return model.create_tensor_cpu(tn(t, suffix, il), full, 0);
         }
         const std::string cold_name = name + ".cold"; // split in the loader by llama_pi_plan_placement
         const bool vec = full.size() == 1;
@@ -200,8 +199,8 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
         const std::string cold_suffix = suffix ? std::string(suffix) + ".cold" : "cold"; // outlives cold_tn
         const LLM_TN_IMPL cold_tn = tn(t, cold_suffix.c_str(), il);
         GGML_ASSERT(cold_tn.str() == cold_name);
-        *cold = vec ? model.create_tensor_cpu(cold_tn, {n_ff - h}, 0, pinned)
-                    : model.create_tensor_cpu(cold_tn, {ne0, n_ff - h}, 0, pinned);
+        *cold = vec ? model.create_tensor_cpu(cold_tn, {n_ff - h}, 0)
+                    : model.create_tensor_cpu(cold_tn, {ne0, n_ff - h}, 0);
         return hot;
     };
     layer.ffn_gate          = rows_tensor(LLM_TENSOR_PI_FFN_GATE, "weight", {n_embd, n_ff}, &layer.pi.ffn_gate_cold);

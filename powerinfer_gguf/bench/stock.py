@@ -42,7 +42,10 @@ def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 51
     for ngl in range(1, sizes.n_layer + 2):
         n_rep = ngl - 1
         w = sum(sizes.layer_bytes[sizes.n_layer - n_rep:]) + sizes.output_bytes
-        plan = Offload(ngl, w, kv * n_rep, compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True))
+        # layers left on the CPU run large ubatches on the GPU, their weights copied over: one
+        # layer's at a time (as ours counts its staging, llama-powerinfer-placement.cpp)
+        staging = max(sizes.layer_bytes[:sizes.n_layer - n_rep], default=0)
+        plan = Offload(ngl, w, kv * n_rep, staging + compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True))
         if plan.gpu_bytes > budget:
             break
         best = plan
@@ -72,7 +75,8 @@ def stock_override(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 5
     attn = sum(b - f for b, f in zip(sizes.layer_bytes, sizes.ffn_bytes)) + sizes.output_bytes
     comp = compute_buffer_estimate(sizes, n_ctx, min(n_ubatch, n_ctx), True)
     for m in range(sizes.n_layer + 1):
-        plan = OverridePlan(sizes.n_layer + 1, attn + sum(sizes.ffn_bytes[m:]), kv, comp, ffn_cpu=m)
+        staging = max(sizes.ffn_bytes[:m], default=0)  # a CPU layer's FFN copied for a large ubatch
+        plan = OverridePlan(sizes.n_layer + 1, attn + sum(sizes.ffn_bytes[m:]), kv, comp + staging, ffn_cpu=m)
         if plan.gpu_bytes <= budget:
             return plan
     return None
