@@ -38,7 +38,7 @@ run)
     python3 -m powerinfer_gguf bench "$M/$P.pi.gguf" --stock "$M/$P.stock.gguf" --vram-budget 0 -t 16 \
         -p 64 -n 64 -r 3 --json "$OUT/cpu16-$P.json" --plot "$OUT/cpu16-$P.png" 2>&1 | tail -9
     el "pi-bench done"
-    PY=python3 tools/prompt-crossover.sh "$M/$P.pi.gguf" "$M/$P.stock.gguf" 16 8 64 512 | tee "$OUT/prompt-$P.md"
+    python3 tools/prompt_ways.py "$M/$P.pi.gguf" "$M/$P.stock.gguf" -t 16 -r 2 -p 8,64,512 | tee "$OUT/prompt-$P.md"
     el "crossover done"
     ;;
 *)

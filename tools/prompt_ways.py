@@ -1,5 +1,6 @@
-"""Prompt speed of each way the sparse FFN can run a ubatch, against stock on the twin: the
-crossovers behind the CPU kernel's choice between pairs and tiles (docs/NOTES.md).
+"""Prompt speed (-ngl 0) of each way the sparse FFN can run a ubatch, against stock on the twin:
+the crossovers behind the CPU kernel's choice between pairs and tiles (docs/NOTES.md). On a GPU
+machine large ubatches still go to the GPU with -ngl 0, on both sides.
 
     PYTHONPATH=. python tools/prompt_ways.py OURS.gguf TWIN.gguf [-t 2] [-r 3] [-p 16,64,512]
 
@@ -19,7 +20,7 @@ WAYS = ("auto", "pairs", "tiles", "dense")
 
 
 def one_run(binary: str, model: str, n: int, threads: int, way: str | None) -> float:
-    args = [binary, "-m", model, "-t", str(threads), "-p", str(n), "-n", "0", "-r", "1",
+    args = [binary, "-m", model, "-ngl", "0", "-t", str(threads), "-p", str(n), "-n", "0", "-r", "1",
             "-b", str(n), "-ub", str(n), "-lm", "none", "-o", "json"]
     if way is not None:
         args += ["--override-kv", f"powerinfer.runtime.ffn_way=str:{way}"]
