@@ -28,7 +28,7 @@ extern "C" {
     // at least GGML_PI_TILE_MIN_TOKENS tokens and its selected (row, token) pairs times
     // GGML_PI_TILE_GAIN reach the union of selected rows times the tokens (a pair costs about
     // GAIN times a tile's (row, token); measured, docs/NOTES.md "pairs or tiles").
-    #define GGML_PI_TILE_GAIN       4.0
+    #define GGML_PI_TILE_GAIN       4.5
     #define GGML_PI_TILE_MIN_TOKENS 4
 
     // Counters a kernel adds to (atomically) on every evaluation, when the op is given them.

@@ -9,8 +9,9 @@
 //            claimed from a shared counter as threads get free (the way ggml's mat-vec shares
 //            rows): each neuron's activation per token, kept by its position among the active
 //            rows. Two ways, the same result: pairs (a dot product per selected (row, token))
-//            or tiles (a block's rows against every token in register tiles, then masked),
-//            chosen per evaluation from how full the union is (pi_use_tiles)
+//            or tiles (claimed rows' gates against every token in register tiles, their up too
+//            where enough gates fire, then masked),
+//            chosen per evaluation from how full the union is (use_tiles)
 //   down     the fired (row, token) pairs, shared in equal contiguous counts, row-major: each
 //            thread adds its pairs' down rows into a private accumulator, 8 rows per pass
 //   reduce   the private accumulators summed, each thread a slice of the output
@@ -619,45 +620,76 @@ struct pi_sparse_ffn {
         }
     }
 
-    // the tiles way: the claimed rows' gate and up against every token, a chunk of tokens at a
-    // time, then each (row, token) kept where selected and firing, as activation() would
+    // the tiles way: the claimed rows' gate against every token in tiles, a chunk of tokens at a
+    // time; their up in tiles too where enough of the row's gates fire (selected and positive) to
+    // pay for a row of tiles, else a dot product per firing gate (few fire: ReLU); then each
+    // (row, token) kept where selected and firing, as activation() would
     void gate_up_tiles(int64_t n_act) {
         const int64_t n_claims = (n_act + PI_TILE_ROWS - 1) / PI_TILE_ROWS;
-        const float * x0 = (const float *) x->data;
-        const int64_t x_stride = x->nb[1] / sizeof(float);
         float * g = tile();
         float * u = g + PI_TILE_ROWS * n_tok;
         cursor cur;
         for (int64_t c; (c = __atomic_fetch_add(claim(), 1, __ATOMIC_RELAXED)) < n_claims;) {
             const int64_t k0 = c * PI_TILE_ROWS, nr = std::min(n_act, k0 + PI_TILE_ROWS) - k0;
             int32_t j[PI_TILE_ROWS];
-            const char * g_rows[PI_TILE_ROWS];
-            const char * u_rows[PI_TILE_ROWS];
+            const char * rows[PI_TILE_ROWS];
             for (int64_t k = 0; k < nr; ++k) {
                 j[k] = row_at(cur, k0 + k);
-                g_rows[k] = row_of(gate, j[k]);
-                u_rows[k] = row_of(up, j[k]);
+                rows[k] = row_of(gate, j[k]);
             }
-            for (int64_t t0 = 0; t0 < n_tok; t0 += PI_TILE_TOKENS) {
-                const int64_t nt = std::min(PI_TILE_TOKENS, n_tok - t0);
-                pi_tile(gate->type, (int) n_embd, g_rows, (int) nr, x0 + t0 * x_stride, x_stride, nt, g + t0, n_tok);
-                pi_tile(up->type, (int) n_embd, u_rows, (int) nr, x0 + t0 * x_stride, x_stride, nt, u + t0, n_tok);
+            tiles_over_tokens(gate, rows, nr, g);
+            int32_t slot[PI_TILE_ROWS]; // the row's place among the up rows done in tiles, or -1
+            int64_t n_tiled = 0;
+            for (int64_t k = 0; k < nr; ++k) {
+                int64_t n_on = 0;
+                for (int64_t t = 0; t < n_tok; ++t) {
+                    n_on += gate_on(j[k], t, g[k * n_tok + t]);
+                }
+                slot[k] = (double) n_on * GGML_PI_TILE_GAIN >= (double) n_tok ? (int32_t) n_tiled : -1;
+                if (slot[k] >= 0) {
+                    rows[n_tiled++] = row_of(up, j[k]);
+                }
             }
-            keep_tiles(k0, nr, j, g, u);
+            tiles_over_tokens(up, rows, n_tiled, u);
+            keep_tiles(k0, nr, j, g, u, slot);
         }
     }
 
-    // activations of the claimed rows from their dot products, and the fired count of each block
-    void keep_tiles(int64_t k0, int64_t nr, const int32_t * j, const float * g, const float * u) {
+    bool gate_on(int32_t j, int64_t t, float g) const {
+        return (all_active || score_of(t)[j] > thr[j]) && g > 0.0f;
+    }
+
+    // out[k * n_tok + t] = rows[k] . x[t] for every token, PI_TILE_TOKENS at a time (a chunk of x
+    // stays in L2 while the rows go by)
+    void tiles_over_tokens(const ggml_tensor * w, const char * const * rows, int64_t nr, float * out) const {
+        const float * x0 = (const float *) x->data;
+        const int64_t x_stride = x->nb[1] / sizeof(float);
+        for (int64_t t0 = 0; nr > 0 && t0 < n_tok; t0 += PI_TILE_TOKENS) {
+            const int64_t nt = std::min(PI_TILE_TOKENS, n_tok - t0);
+            pi_tile(w->type, (int) n_embd, rows, (int) nr, x0 + t0 * x_stride, x_stride, nt, out + t0, n_tok);
+        }
+    }
+
+    // activations of the claimed rows, and the fired count of each block
+    void keep_tiles(int64_t k0, int64_t nr, const int32_t * j, const float * g, const float * u, const int32_t * slot) {
         float * h = hbuf();
         int32_t * bf = bfired();
         for (int64_t k = 0; k < nr; ++k) {
+            const char * u_row = row_of(up, j[k]);
             int32_t fired = 0;
             for (int64_t t = 0; t < n_tok; ++t) {
-                const float gk = g[k * n_tok + t], uk = u[k * n_tok + t];
-                const bool on = (all_active || score_of(t)[j[k]] > thr[j[k]]) && gk > 0.0f;
-                n_up += on;
-                const float a = on && (!drelu || uk > 0.0f) ? gk * uk : 0.0f;
+                const float gk = g[k * n_tok + t];
+                float a = 0.0f;
+                if (gate_on(j[k], t, gk)) {
+                    float uk;
+                    if (slot[k] >= 0) {
+                        uk = u[slot[k] * n_tok + t];
+                    } else {
+                        traits->vec_dot((int) n_embd, &uk, 0, u_row, 0, xq(t), 0, 1);
+                    }
+                    ++n_up;
+                    a = !drelu || uk > 0.0f ? gk * uk : 0.0f;
+                }
                 h[(k0 + k) * n_tok + t] = a;
                 fired += a != 0.0f;
             }
