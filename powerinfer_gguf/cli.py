@@ -201,6 +201,24 @@ def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, pr
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
+@click.option("--vram-budget", default="0", show_default=True,
+              help="GPU memory for the model: 8GiB, 40% (of the weights), auto, or 0 (CPU only)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--n-ctx", type=int, default=2048, show_default=True, help="context length (the KV reserve is sized for it)")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
+@one_line_errors
+def serve_cmd(model, vram_budget, host, port, n_ctx, threads):
+    """Serve MODEL (ours or a plain GGUF) with the OpenAI API (llama-cpp-python's server app).
+
+    Concurrent requests queue and each completes (llama-cpp-python's default would end a stream
+    as soon as another request waits). Logs the mode and the placement at start."""
+    from .serve import serve
+    serve(model, vram_budget, host, port, n_ctx, threads, log=lambda m: click.echo(m, err=True))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors
 def info_cmd(model, as_json):

@@ -86,6 +86,21 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def budget_bytes(model_path: str | os.PathLike, vram_budget: str | int) -> int:
+    """A VRAM budget as the loader takes it: bytes, or -1 for "auto" (the loader asks the GPU);
+    "40%" is of the model's weights. ValueError naming the problem."""
+    if str(vram_budget).strip().lower() == "auto":
+        return -1
+    ref = None
+    if str(vram_budget).strip().endswith("%"):
+        check_gguf(model_path)
+        ref = ModelSizes.from_gguf(model_path).weight_bytes
+    budget = parse_size(vram_budget, ref)
+    if budget < 0:
+        raise ValueError(f"vram_budget={vram_budget!r}: cannot be negative")
+    return budget
+
+
 def _percent_of(text, number: str, reference_bytes: int | None) -> int:
     if reference_bytes is None:
         raise ValueError(f"budget {text!r}: a percentage needs a model to be a share of")

@@ -286,7 +286,7 @@ def _make_llama_class():
     import llama_cpp
 
     from .format import FFN_WAYS, Keys
-    from .model_file import ModelSizes, check_gguf, parse_size
+    from .model_file import budget_bytes
 
     class Llama(llama_cpp.Llama):
         """llama_cpp.Llama over our patched llama.cpp, with PowerInfer-style sparse decoding.
@@ -316,17 +316,7 @@ def _make_llama_class():
             check_patched()
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
-            auto = str(vram_budget).strip().lower() == "auto"
-            if auto:
-                budget = -1
-            else:
-                ref = None
-                if str(vram_budget).strip().endswith("%"):
-                    check_gguf(model_path)
-                    ref = ModelSizes.from_gguf(model_path).weight_bytes
-                budget = parse_size(vram_budget, ref)
-                if budget < 0:
-                    raise ValueError(f"vram_budget={vram_budget!r}: cannot be negative")
+            budget = budget_bytes(model_path, vram_budget)
             kwargs["n_gpu_layers"] = -1 if budget != 0 else 0
             # Weights read into our own buffer, not memory-mapped: only there can they get 2 MB pages
             # (ggml_pi_advise_hugepages), which the sparse FFN's scattered row reads need (docs/NOTES.md).

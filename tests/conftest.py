@@ -97,13 +97,27 @@ def free_port() -> int:
 def llama_server(model, log_path, *args, timeout: float = 120):
     """`python -m llama_cpp.server --model MODEL ARGS` on a free port; yields (base URL, process)
     once /v1/models answers; stopped on exit. Its output goes to log_path."""
+    port = free_port()
+    with _server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", "2",
+                  "--host", "127.0.0.1", "--port", str(port), *map(str, args)], port, log_path, timeout) as up:
+        yield up
+
+
+@contextlib.contextmanager
+def pi_serve(model, log_path, *args, timeout: float = 120):
+    """`pi-serve MODEL ARGS` (python -m powerinfer_gguf serve) on a free port, as llama_server."""
+    port = free_port()
+    with _server([sys.executable, "-m", "powerinfer_gguf", "serve", str(model), "-t", "2", "--host", "127.0.0.1",
+                  "--port", str(port), *map(str, args)], port, log_path, timeout) as up:
+        yield up
+
+
+@contextlib.contextmanager
+def _server(cmd, port, log_path, timeout):
     import httpx
 
-    port = free_port()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", "2",
-                                 "--host", "127.0.0.1", "--port", str(port), *map(str, args)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_until_up(base, proc, log_path, timeout, httpx)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import llama_server, pi_llama
+from conftest import llama_server, pi_llama, pi_serve
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +97,17 @@ def _stream(client, model, prompt, close_after=None):
     return text, finish
 
 
-def test_openai_server_eight_concurrent_clients(tiny_pi, tmp_path):
-    """8 clients at once through the official openai package: 4 not streamed, 4 streamed of which
-    2 close their stream after 2 chunks. Every answer not abandoned is complete (greedy, so each
-    streamed text equals the one-shot text of the same prompt, with a finish reason), and the
-    server still answers afterwards."""
+def test_pi_serve_eight_concurrent_clients(tiny_pi, tmp_path):
+    """pi-serve with its defaults, 8 clients at once through the official openai package: 4 not
+    streamed, 4 streamed of which 2 close their stream after 2 chunks. Every answer not abandoned
+    is complete (greedy, so each streamed text equals the one-shot text of the same prompt, with a
+    finish reason), and the server still answers afterwards. It logs what it runs at start."""
     import openai
 
     _, ours, _ = tiny_pi
     prompts = ["The history of", "Once upon a time", "In the beginning", "The quick brown fox"]
-    with llama_server(ours, tmp_path / "server.log", "--n_ctx", "512", "--interrupt_requests", "False") as (base, proc):
+    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "512") as (base, proc):
+        assert "sparse FFN, CPU only" in open(tmp_path / "server.log").read()
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
         model = client.models.list().data[0].id
         jobs = ([(_complete, p, None) for p in prompts] + [(_stream, p, None) for p in prompts[:2]]
@@ -122,3 +123,19 @@ def test_openai_server_eight_concurrent_clients(tiny_pi, tmp_path):
         assert answers[6:] == [("closed", 2), ("closed", 2)]
         assert proc.poll() is None, open(tmp_path / "server.log").read()[-2000:]
         assert _complete(client, model, prompts[0]) == one_shot[prompts[0]]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--vram-budget", "1GiB"], "no GPU device"),
+    (["--vram-budget", "lots"], "bad size"),
+    (["--port", "70000"], "--port 70000"),
+])
+def test_pi_serve_bad_options_are_one_line(tiny_pi, args, fragment):
+    from conftest import assert_one_line_error, run_cli
+    _, ours, _ = tiny_pi
+    assert_one_line_error(run_cli("serve", ours, *args, timeout=120), fragment)
+
+
+def test_pi_serve_missing_model_is_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+    assert_one_line_error(run_cli("serve", tmp_path / "none.gguf"), "no such model file")
