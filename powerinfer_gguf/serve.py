@@ -3,8 +3,12 @@ budget as PowerInfer's server takes it and defaults that hold concurrent clients
 
 llama-cpp-python's server answers one request at a time; its default interrupt_requests=True ends
 a stream as soon as another request waits (8 clients: 11 of 12 streams came back empty, issue 18),
-so pi-serve queues requests instead: each completes. A plain GGUF serves as stock."""
+so pi-serve queues requests instead: each completes. Bad requests get OpenAI-style 400s naming the
+problem (the app answers most with 500s, invalid JSON with plain text). A plain GGUF serves as
+stock."""
 from __future__ import annotations
+
+import json
 
 from .model_file import budget_bytes, check_gguf
 
@@ -37,6 +41,88 @@ def describe(llm, budget: int) -> str:
             f"FFN rows on the GPU {sum(p.gpu_rows for p in pl)}/{sum(p.neurons for p in pl)}")
 
 
+# the routes whose bodies are checked before the app sees them, and the model of each body
+CHECKED_ROUTES = {"/v1/completions": "CreateCompletionRequest", "/v1/chat/completions": "CreateChatCompletionRequest"}
+
+
+def check_request(path: str, body: bytes) -> str | None:
+    """What is wrong with a request body for ``path``, in one line without server paths; None when
+    nothing is. max_tokens is bounded alike on both routes: a whole number >= 1, or null for up to
+    the context's end."""
+    import pydantic
+    from llama_cpp.server import types
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"the body is not valid JSON: {e}"
+    if not isinstance(data, dict):
+        return "the body must be a JSON object"
+    if path == "/v1/chat/completions":
+        problem = _check_messages(data.get("messages"))
+        if problem:
+            return problem
+    if path == "/v1/completions" and "prompt" not in data:
+        return "prompt: required"
+    mt = data.get("max_tokens")
+    if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+        return f"max_tokens: {mt!r} is not a whole number >= 1 (or null: up to the end of the context)"
+    try:
+        getattr(types, CHECKED_ROUTES[path])(**data)
+    except pydantic.ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in first["loc"])
+        return f"{where}: {first['msg']}" + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else "")
+    return None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function")  # llama_cpp's ChatCompletionRequestMessage
+
+
+def _check_messages(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "messages: give a list of at least one message"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}]: must be an object with a role and content"
+        if m.get("role") not in CHAT_ROLES:
+            return f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(CHAT_ROLES)}"
+    return None
+
+
+class RequestChecks:
+    """ASGI middleware: reads a checked route's body, answers 400 with an OpenAI-style error when
+    check_request finds a problem, else hands the same body on (later receives, such as a client's
+    disconnect, pass through)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in CHECKED_ROUTES:
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client left before its request was whole
+            body, more = body + msg.get("body", b""), msg.get("more_body", False)
+        problem = check_request(scope["path"], body)
+        if problem is not None:
+            from starlette.responses import JSONResponse
+            error = {"message": problem, "type": "invalid_request_error", "param": None, "code": None}
+            return await JSONResponse({"error": error}, status_code=400)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
 def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, threads: int | None, log) -> None:
     """Checks everything cheap first, loads the model, logs what it runs, then serves until stopped."""
     check_gguf(model)
@@ -57,4 +143,4 @@ def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, thread
     app = server_app.create_app(server_settings=ServerSettings(host=host, port=port, interrupt_requests=False),
                                 model_settings=[ModelSettings(**model_settings(model, budget, n_ctx, threads))])
     log(f"pi-serve: {model}: {describe(server_app._llama_proxy(), budget)}; http://{host}:{port}/v1")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(RequestChecks(app), host=host, port=port, log_level="warning")

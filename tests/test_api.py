@@ -139,3 +139,39 @@ def test_pi_serve_bad_options_are_one_line(tiny_pi, args, fragment):
 def test_pi_serve_missing_model_is_one_line(tmp_path):
     from conftest import assert_one_line_error, run_cli
     assert_one_line_error(run_cli("serve", tmp_path / "none.gguf"), "no such model file")
+
+
+@pytest.mark.parametrize("path,body,fragment", [
+    ("/v1/chat/completions", b"{bad json", "not valid JSON"),
+    ("/v1/chat/completions", b'{"model": "x"}', "messages: give a list"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role: 'wizard'"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', "max_tokens: -1"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": -1}', "max_tokens: -1"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', "max_tokens: 0"),
+    ("/v1/completions", b'{"max_tokens": 4}', "prompt: required"),
+    ("/v1/completions", b"[1, 2]", "a JSON object"),
+])
+def test_pi_serve_names_bad_requests(path, body, fragment):
+    from powerinfer_gguf.serve import check_request
+    problem = check_request(path, body)
+    assert problem is not None and fragment in problem and "/" not in problem.replace("JSON", ""), problem
+
+
+def test_pi_serve_answers_bad_requests_with_400(tiny_pi, tmp_path):
+    """Through pi-serve: each bad request gets an OpenAI-style 400 naming the problem; the same
+    keep-alive connection then serves a good request; null max_tokens stays allowed."""
+    import httpx
+    _, ours, _ = tiny_pi
+    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "256") as (base, proc):
+        with httpx.Client(base_url=base + "/v1", timeout=60) as c:
+            for body in (b"{bad json", b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+                         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}'):
+                r = c.post("/chat/completions", content=body, headers={"Content-Type": "application/json"})
+                assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+            r = c.post("/completions", json={"prompt": "The history of", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+            r = c.post("/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": None,
+                                                  "stop": ["."]})
+            assert r.status_code == 200, r.text
+        assert proc.poll() is None
