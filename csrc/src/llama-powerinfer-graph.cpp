@@ -7,7 +7,6 @@
 #include "ggml-powerinfer.h"
 #include "ggml-backend.h"
 
-#include <algorithm>
 #include <vector>
 
 // Down projection of h [n_ff, T] with the weight stored one row per neuron: [n_embd, T]. The dense
@@ -48,9 +47,9 @@ static bool pi_in_gpu_memory(const ggml_tensor * w) {
 }
 
 // The GPU that takes a large ubatch's work on CPU-resident weights: the scheduler's first backend
-// when it is a GPU that wants a mul_mat of this many tokens (its own offload rule, e.g. CUDA's 32
-// tokens), and the context allows offloading (op_offload); else null.
-static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * probe) {
+// when it is a GPU that wants the mul_mat w x of this many tokens (its own offload rule, e.g.
+// CUDA's 32 tokens), and the context allows offloading (op_offload); else null.
+static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * x) {
     if (!g.cparams.op_offload || g.sched == nullptr || ggml_backend_sched_get_n_backends(g.sched) < 2) {
         return nullptr;
     }
@@ -59,6 +58,7 @@ static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * 
     if (t != GGML_BACKEND_DEVICE_TYPE_GPU && t != GGML_BACKEND_DEVICE_TYPE_IGPU) {
         return nullptr;
     }
+    ggml_tensor * probe = ggml_mul_mat(g.ctx0, w, x); // not in the graph: only asks the GPU
     return ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe) ? b : nullptr;
 }
 
@@ -74,8 +74,7 @@ static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, 
     if (pi_in_gpu_memory(p.gate)) {
         return n_tokens <= PI_GPU_SPARSE_MAX_TOKENS ? PI_WAY_SPARSE : PI_WAY_DENSE;
     }
-    ggml_tensor * probe = ggml_mul_mat(g.ctx0, p.gate, cur); // not in the graph: asks the GPU
-    return pi_offload_gpu(g, probe) ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
+    return pi_offload_gpu(g, p.gate, cur) ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
 }
 
 // 1 where the predictor selects (row, token), else 0: score > threshold, as the sparse op reads it
@@ -84,9 +83,9 @@ static ggml_tensor * pi_selection_mask(ggml_context * ctx0, ggml_tensor * score,
 }
 
 // Dense FFN over one part: relu(gate x) * up x (dReLU: both rectified), masked by the selection
-// when there is one, then the row-per-neuron down. With a GPU given, every node runs there.
+// when there is a score, then the row-per-neuron down. With a GPU given, every node runs there.
 static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
-                                         ggml_tensor * mask, const llama_layer & layer, int il, ggml_backend_t gpu) {
+                                         ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu) {
     ggml_context * ctx0 = g.ctx0;
     std::vector<ggml_tensor *> nodes;
     auto node = [&](ggml_tensor * t) { nodes.push_back(t); return t; };
@@ -97,8 +96,10 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
         up = node(ggml_relu(ctx0, up));
     }
     ggml_tensor * h = node(ggml_mul(ctx0, node(ggml_relu(ctx0, gate)), up));
-    if (mask) {
-        h = node(ggml_mul(ctx0, h, mask));
+    if (score) {
+        ggml_tensor * mask = pi_selection_mask(ctx0, score, p.threshold);
+        nodes.push_back(mask->src[0]); // score - threshold
+        h = node(ggml_mul(ctx0, h, node(mask)));
     }
     g.cb(h, "ffn_pi_h", il);
     ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h);
@@ -157,17 +158,13 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
             g.cb(part_out, "ffn_pi_sparse", il);
         } else {
             ggml_backend_t gpu = way == PI_WAY_DENSE_GPU ? ggml_backend_sched_get_backend(g.sched, 0) : nullptr;
-            ggml_tensor * mask = part_score ? pi_selection_mask(ctx0, part_score, p.threshold) : nullptr;
-            if (mask && gpu) {
-                ggml_backend_sched_set_tensor_backend(g.sched, mask->src[0], gpu);
-                ggml_backend_sched_set_tensor_backend(g.sched, mask, gpu);
-            }
-            part_out = pi_build_dense_part(g, cur, p, mask, layer, il, gpu);
+            part_out = pi_build_dense_part(g, cur, p, part_score, layer, il, gpu);
         }
         out = out ? ggml_add(ctx0, out, part_out) : part_out;
     }
     return out;
 }
+
 ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
     if (layer.pi.ffn_down_t) {
         return pi_build_sparse_file_ffn(g, cur, layer, il);

@@ -9,6 +9,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -94,7 +95,7 @@ static std::string pi_runtime_str(const llama_model_loader & ml, const char * ke
 static uint32_t pi_runtime_way(const llama_model_loader & ml) {
     static const char * names[] = { "auto", "pairs", "tiles", "dense" }; // enum llama_pi_way
     const std::string way = pi_runtime_str(ml, LLAMA_PI_KEY_RT_WAY, "auto");
-    for (uint32_t i = 0; i < 4; ++i) {
+    for (uint32_t i = 0; i < std::size(names); ++i) {
         if (way == names[i]) {
             return i;
         }
