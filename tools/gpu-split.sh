@@ -63,6 +63,9 @@ prep)
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
     $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -2 | tee "$OUT/pi-sparse-ffn.txt"
+    for op in PI_GATHER_ROWS PI_SPARSE_FFN; do
+        $(pi_patched_bin)/test-backend-ops -o $op -b CUDA0 2>&1 | grep -E "FAIL|passed" | tail -3
+    done | tee "$OUT/backend-ops.txt"
     ;;
 synth)
     start_synth $P

@@ -7,6 +7,7 @@
 #include "ggml-powerinfer.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <vector>
 
 // Down projection of h [n_ff, T] with the weight stored one row per neuron: [n_embd, T]. The dense
@@ -37,10 +38,20 @@ struct pi_ffn_part {
 
 // How a part runs for one ubatch (docs/DESIGN.md, "ways"): the sparse op where its rows are (the
 // CPU kernel then picks pairs or tiles from the rows the ubatch selects), dense where its rows are,
-// or dense on the GPU with rows in CPU memory copied over for the ubatch, as stock does with CPU
-// weights and large ubatches. Every way computes the same neurons: the dense ways mask with the
+// or dense on the GPU with rows in CPU memory brought over for the ubatch, chunk by chunk: only
+// the rows some token selects (a gather the GPU reads from its pinned host memory), or, where the
+// GPU cannot read them in place, every row (the scheduler's copy, as stock does with CPU weights
+// and large ubatches). Every way computes the same neurons: the dense ways mask with the
 // predictor's selection.
 enum pi_way { PI_WAY_SPARSE, PI_WAY_DENSE, PI_WAY_DENSE_GPU };
+
+// Room for the few tensors that ask a backend about an op (none of them joins the graph, whose
+// context is sized for its nodes)
+struct pi_probe_ctx {
+    ggml_context * ctx;
+    pi_probe_ctx() : ctx(ggml_init({ 4 * ggml_tensor_overhead(), nullptr, true })) {}
+    ~pi_probe_ctx() { ggml_free(ctx); }
+};
 
 static bool pi_in_gpu_memory(const ggml_tensor * w) {
     return w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
@@ -58,7 +69,8 @@ static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * 
     if (t != GGML_BACKEND_DEVICE_TYPE_GPU && t != GGML_BACKEND_DEVICE_TYPE_IGPU) {
         return nullptr;
     }
-    ggml_tensor * probe = ggml_mul_mat(g.ctx0, w, x); // not in the graph: only asks the GPU
+    pi_probe_ctx probe_ctx;
+    ggml_tensor * probe = ggml_mul_mat(probe_ctx.ctx, w, x); // not in the graph: only asks the GPU
     return ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe) ? b : nullptr;
 }
 
@@ -77,29 +89,58 @@ static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, 
     return pi_offload_gpu(g, p.gate, cur) ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
 }
 
+// Whether the GPU reads w's rows where they lie (its pinned host memory), so that a gather moves
+// only the rows a ubatch selects; otherwise the scheduler copies all of them over.
+static bool pi_gpu_reads_in_place(ggml_backend_t gpu, ggml_tensor * w) {
+    pi_probe_ctx probe_ctx;
+    ggml_tensor * count = ggml_new_tensor_1d(probe_ctx.ctx, GGML_TYPE_F32, w->ne[1]);
+    ggml_tensor * probe = ggml_pi_gather_rows(probe_ctx.ctx, w, count); // not in the graph: only asks the GPU
+    return ggml_backend_supports_op(gpu, probe) && ggml_pi_reads_in_place(gpu, probe, 0);
+}
+
+// Rows [c0, c0 + n) of a part
+static pi_ffn_part pi_part_rows(ggml_context * ctx0, const pi_ffn_part & p, int64_t c0, int64_t n) {
+    auto rows = [&](ggml_tensor * w) { return ggml_view_2d(ctx0, w, w->ne[0], n, w->nb[1], c0 * w->nb[1]); };
+    return { rows(p.gate), rows(p.up), rows(p.down_t),
+             p.threshold ? ggml_view_1d(ctx0, p.threshold, n, c0 * sizeof(float)) : nullptr, p.r0 + c0 };
+}
+
 // 1 where the predictor selects (row, token), else 0: score > threshold, as the sparse op reads it
 static ggml_tensor * pi_selection_mask(ggml_context * ctx0, ggml_tensor * score, ggml_tensor * threshold) {
     return ggml_step(ctx0, ggml_sub(ctx0, score, threshold));
 }
 
 // Dense FFN over one part: relu(gate x) * up x (dReLU: both rectified), masked by the selection
-// when there is a score, then the row-per-neuron down. With a GPU given, every node runs there.
-static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
-                                         ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu) {
+// when there is a score, then the row-per-neuron down. With a GPU given, every node runs there;
+// with `gather`, the GPU reads only the rows some token selects (the others are zeros, which the
+// mask zeroes anyway).
+static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, pi_ffn_part p,
+                                         ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu,
+                                         bool gather) {
     ggml_context * ctx0 = g.ctx0;
     std::vector<ggml_tensor *> nodes;
     auto node = [&](ggml_tensor * t) { nodes.push_back(t); return t; };
-    const bool whole = layer.pi.ffn_gate_cold == nullptr; // lora scales apply to whole tensors only
+    ggml_tensor * mask = nullptr;
+    if (score) {
+        mask = node(pi_selection_mask(ctx0, score, p.threshold));
+        nodes.push_back(mask->src[0]); // score - threshold
+    }
+    if (gather && mask) {
+        ggml_tensor * count = node(ggml_sum_rows(ctx0, node(ggml_cont(ctx0, ggml_transpose(ctx0, mask)))));
+        p.gate   = node(ggml_pi_gather_rows(ctx0, p.gate,   count));
+        p.up     = node(ggml_pi_gather_rows(ctx0, p.up,     count));
+        p.down_t = node(ggml_pi_gather_rows(ctx0, p.down_t, count));
+    }
+    // lora scales apply to whole tensors only
+    const bool whole = layer.pi.ffn_gate_cold == nullptr && p.gate->ne[1] == layer.ffn_gate->ne[1];
     ggml_tensor * up   = node(g.build_lora_mm(p.up,   cur, whole ? layer.ffn_up_s   : nullptr));
     ggml_tensor * gate = node(g.build_lora_mm(p.gate, cur, whole ? layer.ffn_gate_s : nullptr));
     if (g.hparams.pi.ffn_act == LLAMA_PI_ACT_DRELU) {
         up = node(ggml_relu(ctx0, up));
     }
     ggml_tensor * h = node(ggml_mul(ctx0, node(ggml_relu(ctx0, gate)), up));
-    if (score) {
-        ggml_tensor * mask = pi_selection_mask(ctx0, score, p.threshold);
-        nodes.push_back(mask->src[0]); // score - threshold
-        h = node(ggml_mul(ctx0, h, node(mask)));
+    if (mask) {
+        h = node(ggml_mul(ctx0, h, mask));
     }
     g.cb(h, "ffn_pi_h", il);
     ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h);
@@ -111,6 +152,43 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
         }
     }
     return out;
+}
+
+// A part's dense FFN on the GPU with its rows in CPU memory, LLAMA_PI_GPU_CHUNK_ROWS rows at a
+// time (the chunks' sums added): each chunk's staging is freed before the next is brought over.
+static ggml_tensor * pi_build_dense_gpu_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
+                                             ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu) {
+    const int64_t n_rows = p.gate->ne[1];
+    const bool gather = score != nullptr && pi_gpu_reads_in_place(gpu, p.gate);
+    ggml_tensor * out = nullptr;
+    for (int64_t c0 = 0; c0 < n_rows; c0 += LLAMA_PI_GPU_CHUNK_ROWS) {
+        const int64_t n = std::min(LLAMA_PI_GPU_CHUNK_ROWS, n_rows - c0);
+        const bool all = c0 == 0 && n == n_rows;
+        ggml_tensor * chunk_score = score == nullptr || all ? score :
+            ggml_view_2d(g.ctx0, score, n, score->ne[1], score->nb[1], c0 * sizeof(float));
+        ggml_tensor * chunk_out = pi_build_dense_part(g, cur, all ? p : pi_part_rows(g.ctx0, p, c0, n), chunk_score,
+                                                      layer, il, gpu, gather);
+        if (out) {
+            out = ggml_add(g.ctx0, out, chunk_out);
+            ggml_backend_sched_set_tensor_backend(g.sched, out, gpu);
+        } else {
+            out = chunk_out;
+        }
+    }
+    return out;
+}
+
+uint32_t llama_pi_graph_extra_nodes(const llama_model & model) {
+    const llama_hparams & hp = model.hparams;
+    if (!hp.pi.sparse) {
+        return 0;
+    }
+    uint32_t res = 0;
+    for (uint32_t il = 0; il < hp.n_layer(); ++il) {
+        const int64_t n_chunks = (hp.n_ff(il) + LLAMA_PI_GPU_CHUNK_ROWS - 1) / LLAMA_PI_GPU_CHUNK_ROWS + 1; // + the hot part
+        res += (uint32_t) (32 * n_chunks);
+    }
+    return res;
 }
 
 // The predictor, score = fc2 . act(fc1 . x), run once where the layer runs
@@ -156,9 +234,10 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
                                           score ? p.threshold : nullptr, act, pi_op_flags(pi),
                                           p.r0 == 0 ? &layer.pi.stats : &layer.pi.stats_cold);
             g.cb(part_out, "ffn_pi_sparse", il);
+        } else if (way == PI_WAY_DENSE_GPU) {
+            part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, ggml_backend_sched_get_backend(g.sched, 0));
         } else {
-            ggml_backend_t gpu = way == PI_WAY_DENSE_GPU ? ggml_backend_sched_get_backend(g.sched, 0) : nullptr;
-            part_out = pi_build_dense_part(g, cur, p, part_score, layer, il, gpu);
+            part_out = pi_build_dense_part(g, cur, p, part_score, layer, il, nullptr, false);
         }
         out = out ? ggml_add(ctx0, out, part_out) : part_out;
     }

@@ -11,6 +11,7 @@
 struct llama_model_loader;
 struct llama_layer;
 struct llama_model_base;
+struct llama_model;
 
 // powerinfer_gguf/format.py: the key names, written once on the C++ side
 #define LLAMA_PI_FORMAT_VERSION       1
@@ -46,6 +47,15 @@ enum llama_pi_way : uint32_t {
     LLAMA_PI_WAY_TILES = 2, // the sparse op, the selected rows' union against all tokens in register tiles
     LLAMA_PI_WAY_DENSE = 3, // GEMMs over all rows, masked by the selection
 };
+
+// A large ubatch's dense GPU FFN over rows in CPU memory runs in chunks of this many rows, one
+// after another, so its staging in VRAM (the chunk's gathered or copied rows and transposed down)
+// is bounded by a chunk, not a layer: what it leaves to hot rows is what decode runs on.
+constexpr int64_t LLAMA_PI_GPU_CHUNK_ROWS = 4096;
+
+// Nodes our FFN adds to a graph beyond the 8 per model tensor llama.cpp counts: a sparse file's
+// dense GPU way builds ~24 per chunk of a part. 0 for any other file.
+uint32_t llama_pi_graph_extra_nodes(const llama_model & model);
 
 // Reads `<arch>.hidden_activation` into hparams.pi.ffn_act; absent means SiLU. An activation we
 // do not know fails the load with a message naming it (never a silent SiLU).

@@ -1,5 +1,5 @@
-// powerinfer_gguf: test cases of GGML_OP_PI_SPARSE_FFN (ggml/include/ggml-powerinfer.h), included by
-// test-backend-ops.cpp after test_case.
+// powerinfer_gguf: test cases of GGML_OP_PI_SPARSE_FFN and GGML_OP_PI_GATHER_ROWS
+// (ggml/include/ggml-powerinfer.h), included by test-backend-ops.cpp after test_case.
 //   test: every backend that claims the op against the CPU kernel (F32/F16/BF16 rows, decode and
 //         multi-token ubatches, ReLU and dReLU, sparse and all-active, row counts off the kernels'
 //         block sizes, rows of a size the CUDA kernel cannot read 16 bytes at a time)
@@ -94,6 +94,55 @@ struct test_pi_sparse_ffn : public test_case {
     }
 };
 
+// GGML_OP_PI_GATHER_ROWS: kept rows copied, the others zero, on every backend against the CPU;
+// rows of widths that take 16-, 4- and 1-byte loads, and a view of rows of a larger weight
+struct test_pi_gather_rows : public test_case {
+    const ggml_type type;
+    const int64_t n_embd;
+    const int64_t n_rows;
+    const float   kept;   // share of rows with a count > 0
+    const int64_t r0;     // the op reads rows [r0, r0 + n_rows) of a weight of n_rows + r0 rows
+    std::mt19937  rng{42};
+
+    std::string vars() override {
+        return VARS_TO_STR5(type, n_embd, n_rows, kept, r0);
+    }
+
+    test_pi_gather_rows(ggml_type type = GGML_TYPE_F16, int64_t n_embd = 256, int64_t n_rows = 300, float kept = 0.7f,
+                        int64_t r0 = 0)
+        : type(type), n_embd(n_embd), n_rows(n_rows), kept(kept), r0(r0) {}
+
+    ggml_tensor * build_graph(ggml_context * ctx) override {
+        ggml_tensor * w = ggml_new_tensor_2d(ctx, type, n_embd, n_rows + r0);
+        ggml_tensor * count = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
+        ggml_set_name(w, "w");
+        ggml_set_name(count, "count");
+        ggml_tensor * rows = r0 ? ggml_view_2d(ctx, w, n_embd, n_rows, w->nb[1], r0 * w->nb[1]) : w;
+        ggml_tensor * out = ggml_pi_gather_rows(ctx, rows, count);
+        ggml_set_name(out, "out");
+        return out;
+    }
+
+    void initialize_tensors(ggml_context * ctx) override {
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx); t != nullptr; t = ggml_get_next_tensor(ctx, t)) {
+            if (strcmp(t->name, "count") == 0) {
+                std::bernoulli_distribution on(kept);
+                std::vector<float> c(ggml_nelements(t));
+                for (float & v : c) {
+                    v = on(rng) ? 3.0f : 0.0f;
+                }
+                ggml_backend_tensor_set(t, c.data(), 0, ggml_nbytes(t));
+            } else {
+                init_tensor_uniform(t);
+            }
+        }
+    }
+
+    double max_nmse_err() override {
+        return 0.0; // a copy
+    }
+};
+
 static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_cases) {
     for (ggml_type type : {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16}) {
         for (int64_t n_embd : {256, 260}) {        // 260 x 2 bytes: rows not a multiple of 16 bytes
@@ -109,6 +158,17 @@ static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_ca
         test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 1, 1.0f, false, true));
         test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 5, 1.0f, false, true));
     }
+    for (ggml_type type : {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0}) {
+        for (int64_t n_embd : {256, 258, 4096}) { // 258 F16: 4-byte loads; Q4_0 rows of 18 bytes a block
+            for (float kept : {0.0f, 0.7f, 1.0f}) {
+                if (ggml_blck_size(type) == 1 || n_embd % ggml_blck_size(type) == 0) {
+                    test_cases.emplace_back(new test_pi_gather_rows(type, n_embd, 300, kept));
+                }
+            }
+        }
+        test_cases.emplace_back(new test_pi_gather_rows(type, 256, 300, 0.5f, 77));
+    }
+    test_cases.emplace_back(new test_pi_gather_rows(GGML_TYPE_F16, 255, 300, 0.5f)); // odd bytes: 1-byte loads
 }
 
 static void pi_test_cases_perf(std::vector<std::unique_ptr<test_case>> & test_cases) {

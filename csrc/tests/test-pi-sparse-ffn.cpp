@@ -3,7 +3,9 @@
 // themselves. Row types F32/F16/BF16 (and Q8_0/Q4_0, which the CPU reads through to_float), decode
 // and ubatches, ReLU and dReLU, sparse and all-active, row counts and widths off the kernels' block
 // sizes, 1-4 CPU threads. Also checks the op's counters: rows predicted exactly, rows fired within
-// the few that a gate within rounding of zero may flip.
+// the few that a gate within rounding of zero may flip. And GGML_OP_PI_GATHER_ROWS on every backend,
+// its weight where the graph puts it (a GPU's pinned host memory, read in place): kept rows equal
+// byte for byte, the others zero.
 //
 //   test-pi-sparse-ffn [-v]     exit status 0 when every case passes
 #include "ggml.h"
@@ -218,6 +220,52 @@ std::vector<pi_case> pi_cases() {
 
 } // namespace
 
+// Rows [r0, r0 + n_rows) of a weight of F16 / Q4_0 rows, gathered by `backend` with the weight in
+// its device's host buffer where it has one (as the graph does), else in the backend's memory.
+// Returns whether the kept rows came back byte for byte and the others as zeros.
+bool pi_check_gather(ggml_backend_t backend, ggml_type type, int64_t n_embd, int64_t n_rows, int64_t r0, uint32_t seed) {
+    ggml_init_params ip = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
+    ggml_context * ctx_w = ggml_init(ip);
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * w = ggml_new_tensor_2d(ctx_w, type, n_embd, r0 + n_rows);
+    ggml_tensor * count = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_rows);
+    ggml_tensor * rows = ggml_view_2d(ctx, w, n_embd, n_rows, w->nb[1], r0 * w->nb[1]);
+    ggml_tensor * out = ggml_pi_gather_rows(ctx, rows, count);
+    bool ok = ggml_backend_supports_op(backend, out);
+    ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(backend));
+    ggml_backend_buffer_t buf_w = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, host ? host : ggml_backend_get_default_buffer_type(backend));
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
+    if (ok) {
+        std::mt19937 rng(seed);
+        std::vector<uint8_t> wb(ggml_nbytes(w));
+        for (uint8_t & b : wb) {
+            b = (uint8_t) (rng() & 0x3f); // small bytes: never a NaN / Inf pattern
+        }
+        std::vector<float> cnt(n_rows);
+        for (float & v : cnt) {
+            v = (float) (rng() % 3); // 0: dropped
+        }
+        ggml_backend_tensor_set(w, wb.data(), 0, wb.size());
+        ggml_backend_tensor_set(count, cnt.data(), 0, ggml_nbytes(count));
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
+        std::vector<uint8_t> got(ggml_nbytes(out));
+        ggml_backend_tensor_get(out, got.data(), 0, got.size());
+        const size_t row_b = ggml_row_size(type, n_embd);
+        for (int64_t r = 0; ok && r < n_rows; ++r) {
+            for (size_t i = 0; i < row_b; ++i) {
+                ok &= got[r * row_b + i] == (cnt[r] > 0 ? wb[(r0 + r) * row_b + i] : 0);
+            }
+        }
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_backend_buffer_free(buf_w);
+    ggml_free(ctx);
+    ggml_free(ctx_w);
+    return ok;
+}
+
 int main(int argc, char ** argv) {
     const bool verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
     ggml_backend_load_all();
@@ -285,6 +333,31 @@ int main(int argc, char ** argv) {
             if (!is_cpu) {
                 ggml_backend_free(be);
             }
+        }
+    }
+    for (size_t d = 0; d < ggml_backend_dev_count(); ++d) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(d);
+        const bool is_cpu = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+        ggml_backend_t be = is_cpu ? cpu : ggml_backend_dev_init(dev, nullptr);
+        if (be == nullptr) {
+            continue;
+        }
+        // F16 rows of 16-byte multiples and not (4-byte loads, 1-byte loads), Q4_0 blocks of 18 bytes
+        const struct { ggml_type type; int64_t n_embd; } shapes[] = {
+            { GGML_TYPE_F16, 4096 }, { GGML_TYPE_F16, 258 }, { GGML_TYPE_F16, 255 }, { GGML_TYPE_Q4_0, 512 } };
+        for (const auto & sh : shapes) {
+            for (int64_t r0 : { 0, 37 }) {
+                const bool ok = pi_check_gather(be, sh.type, sh.n_embd, 300, r0, seed++);
+                if (!ok || verbose) {
+                    printf("%s %s gather_rows %s n_embd=%lld r0=%lld\n", ok ? "ok  " : "FAIL", ggml_backend_name(be),
+                           ggml_type_name(sh.type), (long long) sh.n_embd, (long long) r0);
+                }
+                ++n_run;
+                n_fail += !ok;
+            }
+        }
+        if (!is_cpu) {
+            ggml_backend_free(be);
         }
     }
     ggml_backend_free(cpu);

@@ -1,11 +1,16 @@
-// powerinfer_gguf: ggml ops of the PowerInfer-style sparse FFN (kernels: ggml-cpu/powerinfer-ops.cpp, ggml-cuda/pi-sparse-ffn.cu).
+// powerinfer_gguf: ggml ops of the PowerInfer-style sparse FFN (kernels: ggml-cpu/powerinfer-ops.cpp,
+// ggml-cuda/pi-sparse-ffn.cu, ggml-cuda/pi-gather-rows.cu).
 //
-// One op: the FFN of ReLU-family models (ReGLU, dReLU) computed only for the neurons a predictor
-// says will fire. The down projection is stored one contiguous row per neuron (`down_t`), so an
-// active neuron costs three row reads (gate, up, down) and an inactive one costs nothing.
+// GGML_OP_PI_SPARSE_FFN: the FFN of ReLU-family models (ReGLU, dReLU) computed only for the neurons
+// a predictor says will fire. The down projection is stored one contiguous row per neuron
+// (`down_t`), so an active neuron costs three row reads (gate, up, down) and an inactive one costs
+// nothing.
+// GGML_OP_PI_GATHER_ROWS: the rows of a weight that a ubatch selects, for a dense GPU FFN over rows
+// kept in CPU memory: only those rows cross the bus.
 #pragma once
 
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -72,6 +77,23 @@ extern "C" {
     GGML_API enum ggml_pi_act             ggml_pi_sparse_ffn_act  (const struct ggml_tensor * op);
     GGML_API uint32_t                     ggml_pi_sparse_ffn_flags(const struct ggml_tensor * op);
     GGML_API struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor * op);
+
+    // out = w with every row r whose count[r] <= 0 replaced by zeros (the others copied as bytes)
+    //
+    //   w      [n_embd, n_rows]  any type; rows contiguous (a view of rows of a weight is fine)
+    //   count  F32, n_rows contiguous values (e.g. how many tokens select each row)
+    //
+    // Result: contiguous, w's type and shape. A backend that reads w where it lies (the GPU, from
+    // its pinned host memory: ggml_pi_reads_in_place) touches only the rows kept.
+    GGML_API struct ggml_tensor * ggml_pi_gather_rows(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * w,
+            struct ggml_tensor  * count);
+
+    // Whether `backend` reads source j of `node` where it lies rather than from a copy the
+    // scheduler makes: the weight of a gather held in the pinned host memory of the backend's
+    // device (which that device addresses directly). The scheduler asks before copying an input.
+    GGML_API bool ggml_pi_reads_in_place(ggml_backend_t backend, const struct ggml_tensor * node, int j);
 
     // Asks the kernel for 2 MB pages over the 2 MB-aligned interior of [data, data + size) when
     // size >= 64 MiB (Linux, THP in "madvise" or "always" mode; elsewhere a no-op). Call before the

@@ -71,6 +71,32 @@ struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor 
     return stats;
 }
 
+struct ggml_tensor * ggml_pi_gather_rows(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * count) {
+    GGML_ASSERT(w->ne[2] == 1 && w->ne[3] == 1);
+    GGML_ASSERT(w->nb[0] == ggml_type_size(w->type)); // rows are contiguous bytes
+    GGML_ASSERT(count->type == GGML_TYPE_F32 && ggml_nelements(count) == w->ne[1] && ggml_is_contiguous(count));
+
+    struct ggml_tensor * result = ggml_new_tensor_2d(ctx, w->type, w->ne[0], w->ne[1]);
+    result->op     = GGML_OP_PI_GATHER_ROWS;
+    result->src[0] = w;
+    result->src[1] = count;
+    return result;
+}
+
+bool ggml_pi_reads_in_place(ggml_backend_t backend, const struct ggml_tensor * node, int j) {
+    if (node->op != GGML_OP_PI_GATHER_ROWS || j != 0) {
+        return false;
+    }
+    const struct ggml_tensor * w = node->src[0];
+    ggml_backend_buffer_t buf = w->view_src ? w->view_src->buffer : w->buffer;
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    if (buf == NULL || dev == NULL || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return false;
+    }
+    ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(dev);
+    return host != NULL && ggml_backend_buffer_get_type(buf) == host;
+}
+
 void ggml_pi_advise_hugepages(void * data, size_t size) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const size_t huge = (size_t) 2 << 20;

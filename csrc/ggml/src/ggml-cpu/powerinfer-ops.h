@@ -10,6 +10,7 @@ extern "C" {
 
 size_t ggml_cpu_pi_sparse_ffn_work_size(const struct ggml_tensor * op, int n_threads);
 void   ggml_compute_forward_pi_sparse_ffn(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+void   ggml_compute_forward_pi_gather_rows(const struct ggml_compute_params * params, struct ggml_tensor * dst);
 
 #ifdef __cplusplus
 }
