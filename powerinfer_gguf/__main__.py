@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from .cli import bench_cmd, convert_cmd, info_cmd, serve_cmd, setup_cmd, synth_cmd
+from .cli import bench_cmd, convert_cmd, info_cmd, quantize_cmd, serve_cmd, setup_cmd, synth_cmd
 
 
 @click.group()
@@ -18,6 +18,7 @@ main.add_command(bench_cmd, "bench")
 main.add_command(info_cmd, "info")
 main.add_command(convert_cmd, "convert")
 main.add_command(serve_cmd, "serve")
+main.add_command(quantize_cmd, "quantize")
 
 if __name__ == "__main__":
     sys.exit(main())

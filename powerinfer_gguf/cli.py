@@ -218,6 +218,32 @@ def serve_cmd(model, vram_budget, host, port, n_ctx, threads):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--int4", is_flag=True, help="4-bit rows: Q4_0 (the same as --type q4_0)")
+@click.option("--type", "qtype", default=None, metavar="q4_0|q8_0|q4_k",
+              help="q4_0, q8_0, or q4_k (llama.cpp's Q4_K_M mix)")
+@click.option("--predictor-type", default="auto", show_default=True, metavar="auto|q8_0|f16",
+              help="our predictors' precision; auto: q8_0 where rows divide into its blocks, else f16")
+@click.option("-t", "--threads", type=int, default=None, help="quantizer threads (default: all cores)")
+@click.option("--force", is_flag=True, help="replace an existing OUT")
+@one_line_errors
+def quantize_cmd(src, out, int4, qtype, predictor_type, threads, force):
+    """Quantize SRC (ours or a stock twin, F32/F16/BF16) to OUT with llama.cpp's quantizer,
+    keeping our keys, layout and predictors."""
+    from .outputs import sigterm_interrupts
+    from .quantize import quantize
+
+    if int4 and qtype not in (None, "q4_0"):
+        raise ValueError("--int4 is q4_0: give --int4 or --type, not both")
+    if not int4 and qtype is None:
+        raise ValueError("give --int4 or --type q4_0|q8_0|q4_k")
+    with sigterm_interrupts():
+        res = quantize(src, out, "q4_0" if int4 else qtype, predictor_type=predictor_type, threads=threads, force=force)
+    click.echo(res.summary())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors

@@ -217,8 +217,9 @@ def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, pro
 
     def get(name: str) -> np.ndarray:
         if name.endswith("ffn_down.weight"):
-            return np.array(tensors[name.replace("ffn_down", "ffn_down_t")].data, dtype=np.float32).T
-        return np.array(tensors[name].data, dtype=np.float32)
+            return get(name.replace("ffn_down", "ffn_down_t")).T
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     bos = llm.token_bos()

@@ -216,10 +216,12 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
     // shapes are checked above; types are ours to check, since kernels read rows by type
     pi_check_type(layer.pi.pred_threshold, {GGML_TYPE_F32});
     pi_check_type(layer.pi.neuron_freq,    {GGML_TYPE_F32});
-    pi_check_type(layer.pi.pred_fc1,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16});
-    pi_check_type(layer.pi.pred_fc2,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16});
+    // predictors: mul_mat reads any type; pi-quantize writes them F16 or Q8_0 (docs/NOTES.md)
+    pi_check_type(layer.pi.pred_fc1,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0});
+    pi_check_type(layer.pi.pred_fc2,       {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0});
+    // rows: what pi-quantize writes (Q4_K_M mixes Q4_K and Q6_K rows)
     const std::initializer_list<ggml_type> row_types = {
-        GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 };
+        GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K };
     pi_check_type(layer.ffn_gate,      row_types);
     pi_check_type(layer.ffn_up,        row_types);
     pi_check_type(layer.pi.ffn_down_t, row_types);

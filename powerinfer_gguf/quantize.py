@@ -1,0 +1,150 @@
+"""pi-quantize: a GGUF of F32/F16/BF16 weights (ours, or its stock twin) to Q4_0, Q8_0 or Q4_K
+through llama.cpp's own quantizer (llama-quantize of the patched build), keeping what makes ours
+ours: every ``powerinfer.*`` key, the row-per-neuron down (quantized along its rows, as the
+sparse op reads it) and the predictors at ``predictor_type``: they choose which rows are read and
+are read whole every token; Q8_0 keeps their recall to 4 digits at half F16's bytes (docs/NOTES.md,
+"predictor precision"), so ``auto`` takes it wherever a tensor's rows divide into its 32-value
+blocks, F16 elsewhere. A stock twin is quantized the same way, tensor for tensor.
+
+Every check runs before the quantizer starts; the output appears whole or not at all.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import format as fmt
+from .outputs import check_outputs, staged
+
+# our name -> (llama-quantize's type, block width along a row); q4_k is llama.cpp's Q4_K_M mix
+TYPES = {"q4_0": ("Q4_0", 32), "q8_0": ("Q8_0", 32), "q4_k": ("Q4_K_M", 256)}
+PREDICTOR_TYPES = ("auto", "q8_0", "f16")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+_PREDICTOR_PATTERN = "pi_pred_fc"  # in the names of our predictors' weights
+
+
+class QuantizeError(ValueError):
+    """Input that pi-quantize refuses; the message names the problem in one line."""
+
+
+@dataclass
+class QuantizeResult:
+    src: Path
+    out: Path
+    qtype: str
+    ours: bool               # a powerinfer file (else a stock GGUF)
+    predictor_types: dict[str, str]  # our predictor tensors: type written
+    n_quantized: int         # tensors the quantizer converted
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+    def summary(self) -> str:
+        kinds = sorted(set(self.predictor_types.values()))
+        kind = f"ours, predictors {'/'.join(kinds) or 'none'}" if self.ours else "stock"
+        return (f"wrote {self.out} ({self.qtype}, {kind}): {self.n_quantized} tensors quantized, "
+                f"{self.bytes_in / 2**30:.2f} -> {self.bytes_out / 2**30:.2f} GiB in {self.seconds:.1f} s")
+
+
+def _quantized_by_llama(name: str, n_dims: int) -> bool:
+    """The tensors llama-quantize converts (llama_model_quantize_impl): 2-D+ weights, not norms."""
+    return name.endswith("weight") and n_dims >= 2 and not name.endswith("_norm.weight")
+
+
+def _predictor_type(name: str, row: int, predictor_type: str) -> str:
+    if predictor_type == "f16" or (predictor_type == "auto" and row % 32):
+        return "f16"
+    if row % 32:
+        raise QuantizeError(f"{name} has rows of {row} values, not a multiple of q8_0's 32-value blocks: "
+                            f"use --predictor-type f16 or auto")
+    return "q8_0"
+
+
+def _check_source(src: Path, qtype: str, predictor_type: str) -> tuple[bool, int, dict[str, str]]:
+    """Reads the header; refuses what the quantizer would fail on or silently change. Returns
+    (ours, tensors to quantize, our predictor tensors with the type each gets)."""
+    import gguf
+
+    if qtype not in TYPES:
+        raise QuantizeError(f"unsupported type {qtype!r}: choose one of {', '.join(TYPES)}")
+    if predictor_type not in PREDICTOR_TYPES:
+        raise QuantizeError(f"unsupported predictor type {predictor_type!r}: choose one of {', '.join(PREDICTOR_TYPES)}")
+    if not src.is_file():
+        raise QuantizeError(f"{src}: no such file")
+    try:
+        r = gguf.GGUFReader(src)
+    except Exception as e:  # noqa: BLE001 - any parse failure is "not a GGUF" to the user
+        raise QuantizeError(f"{src}: not a readable GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    ours = fmt.Keys.SPARSE in r.fields
+    block = TYPES[qtype][1]
+    n = 0
+    predictors: dict[str, str] = {}
+    for t in r.tensors:
+        if not _quantized_by_llama(t.name, len(t.shape)):
+            continue
+        if t.tensor_type.name not in _FLOAT_TYPES:
+            raise QuantizeError(f"{src}: {t.name} is already {t.tensor_type.name}: pi-quantize reads F32/F16/BF16 files")
+        if ours and _PREDICTOR_PATTERN in t.name:
+            predictors[t.name] = _predictor_type(f"{src}: {t.name}", int(t.shape[0]), predictor_type)
+            continue
+        if int(t.shape[0]) % block:
+            raise QuantizeError(f"{src}: {t.name} has rows of {int(t.shape[0])} values, not a multiple of "
+                                f"{qtype}'s {block}-value blocks")
+        n += 1
+    return ours, n, predictors
+
+
+def _keys(path: Path) -> dict[str, object]:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if k.startswith("powerinfer.")}
+
+
+def _verify(src: Path, out: Path, ours: bool, predictors: dict[str, str]) -> None:
+    """What the quantizer wrote keeps our keys and predictors as asked."""
+    import gguf
+
+    if ours and _keys(out) != _keys(src):
+        raise RuntimeError("llama-quantize changed the powerinfer.* keys")
+    for t in gguf.GGUFReader(out).tensors:
+        want = predictors.get(t.name, "").upper()
+        if want and t.tensor_type.name != want:
+            raise RuntimeError(f"llama-quantize wrote {t.name} as {t.tensor_type.name}, not {want}")
+
+
+def _run_quantizer(src: Path, tmp: Path, types_file: Path, qtype: str, predictors: dict[str, str],
+                   threads: int | None) -> None:
+    """llama-quantize, told each predictor's type by exact name (its --tensor-type-file holds
+    regular expressions, hence the escapes and anchors)."""
+    from .build import bin_path
+
+    cmd = [str(bin_path("patched", "llama-quantize"))]
+    if predictors:
+        types_file.write_text("\n".join(f"^{re.escape(n)}$={t}" for n, t in predictors.items()) + "\n")
+        cmd += ["--tensor-type-file", str(types_file)]
+    cmd += [str(src), str(tmp), TYPES[qtype][0], str(threads or os.cpu_count() or 2)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
+        raise RuntimeError(f"llama-quantize {qtype} failed: {tail[0]}")
+
+
+def quantize(src, out, qtype: str, *, predictor_type: str = "auto", threads: int | None = None,
+             force: bool = False) -> QuantizeResult:
+    """``src`` quantized to ``qtype`` at ``out`` (replaced only with ``force``)."""
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    ours, n, predictors = _check_source(src, qtype, predictor_type)
+    check_outputs([out], [src], force=force)
+    with staged() as st:
+        tmp = st.file(out)
+        _run_quantizer(src, tmp, st.temp(out), qtype, predictors, threads)
+        _verify(src, tmp, ours, predictors)
+        st.commit()
+    return QuantizeResult(src, out, qtype, ours, predictors, n,
+                          src.stat().st_size, out.stat().st_size, time.time() - t0)
