@@ -1,6 +1,6 @@
 // powerinfer_gguf: GGML_OP_PI_SPARSE_FFN on every backend that claims it, against a reference built
 // from ggml primitives on the CPU (mul_mat, relu, mul, step): the kernels are never compared with
-// themselves. Row types F32/F16/BF16 (and Q8_0/Q4_0, which the CPU reads through to_float), decode
+// themselves. Row types F32/F16/BF16 and Q8_0/Q4_0/Q4_K/Q6_K (what pi-quantize writes), decode
 // and ubatches, ReLU and dReLU, sparse and all-active, row counts and widths off the kernels' block
 // sizes, 1-4 CPU threads. Also checks the op's counters: rows predicted exactly, rows fired within
 // the few that a gate within rounding of zero may flip. And GGML_OP_PI_GATHER_ROWS on every backend,
@@ -195,7 +195,7 @@ std::string pi_name(const pi_case & c) {
 
 std::vector<pi_case> pi_cases() {
     std::vector<pi_case> cases;
-    for (ggml_type t : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0 }) {
+    for (ggml_type t : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K }) {
         for (int64_t n_embd : { 256, 268 }) { // 268 = 16 x 16 + 8 + 4: AVX-512 loop, AVX2 remainder, scalar tail
             if (n_embd % ggml_blck_size(t) != 0) {
                 continue;

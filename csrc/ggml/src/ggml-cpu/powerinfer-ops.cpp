@@ -197,6 +197,43 @@ void pi_axpy_rows_f32(int n, float * acc, const char * const * rows, const float
     }
 }
 
+#if defined(__AVX512F__)
+// Quantized rows (Q4_0, Q8_0: blocks of 32 values, an F16 scale first): a block of NR rows
+// dequantized in registers and accumulated into acc's 32 floats, which are loaded once for all
+// NR rows, as for 16-bit rows (no scratch row, no second pass).
+struct pi_q4_0 {
+    static constexpr size_t bytes = 18; // ggml's block_q4_0: d, 16 bytes of nibbles (low: 0-15, high: 16-31)
+    static __m512i i16(const uint8_t * blk, int half) {
+        const __m128i q = _mm_loadu_si128((const __m128i *) (blk + 2));
+        const __m128i v = _mm_and_si128(half ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(0x0F));
+        return _mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8));
+    }
+};
+
+struct pi_q8_0 {
+    static constexpr size_t bytes = 34; // ggml's block_q8_0: d, 32 int8
+    static __m512i i16(const uint8_t * blk, int half) {
+        return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (blk + 2 + 16 * half)));
+    }
+};
+
+template <typename Q, int NR>
+void pi_axpy_rows_q(int n, float * acc, const char * const * rows, const float * h) {
+    for (int b = 0; b < n / 32; ++b) {
+        float * a = acc + 32 * b;
+        __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+        for (int k = 0; k < NR; ++k) {
+            const uint8_t * blk = (const uint8_t *) rows[k] + b * Q::bytes;
+            const __m512 s = _mm512_set1_ps(h[k] * GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) blk));
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q::i16(blk, 0)), s, a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q::i16(blk, 1)), s, a1);
+        }
+        _mm512_storeu_ps(a, a0);
+        _mm512_storeu_ps(a + 16, a1);
+    }
+}
+#endif
+
 // any number of rows in passes of 8, then 4, then one
 template <int NR, typename Pass>
 int pi_passes(int nr, int k, Pass pass) {
@@ -206,7 +243,23 @@ int pi_passes(int nr, int k, Pass pass) {
     return k;
 }
 
-// F16/BF16/F32 rows fused in passes; other types (quantized) dequantized a row at a time into scratch
+// Whether pi_axpy_rows fuses this type's rows (else the down pass dequantizes each row once per
+// evaluation and accumulates it for every token it fired for)
+bool pi_axpy_fused(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_F16: case GGML_TYPE_BF16: case GGML_TYPE_F32:
+            return true;
+#if defined(__AVX512F__)
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q8_0:
+            return true;
+#endif
+        default:
+            return false;
+    }
+}
+
+// F16/BF16/F32 rows (and, with AVX-512, Q4_0/Q8_0) fused in passes; other types dequantized a row
+// at a time into scratch
 void pi_axpy_rows(int n, float * acc, const char * const * rows, const float * h, int nr, ggml_type type,
                   float * scratch) {
     auto passes = [&](auto pass) {
@@ -229,6 +282,14 @@ void pi_axpy_rows(int n, float * acc, const char * const * rows, const float * h
             }
             return;
         }
+#if defined(__AVX512F__)
+        case GGML_TYPE_Q4_0:
+            passes([&](auto nr_c, int k) { pi_axpy_rows_q<pi_q4_0, decltype(nr_c)::value>(n, acc, rows + k, h + k); });
+            return;
+        case GGML_TYPE_Q8_0:
+            passes([&](auto nr_c, int k) { pi_axpy_rows_q<pi_q8_0, decltype(nr_c)::value>(n, acc, rows + k, h + k); });
+            return;
+#endif
         default:
             for (int k = 0; k < nr; ++k) {
                 ggml_get_type_traits(type)->to_float(rows[k], scratch, n);
@@ -710,6 +771,18 @@ struct pi_sparse_ffn {
         ++n_fired;
     }
 
+    // a row of a type pi_axpy_rows does not fuse: dequantized once for the consecutive pairs of
+    // its position (pairs come row-major), then accumulated for each of their tokens
+    int64_t k_dequantized = -1;
+    void add_down_dequantized(int64_t k, int64_t t, const char * d_row, float h) {
+        if (k != k_dequantized) {
+            ggml_get_type_traits(down_t->type)->to_float(d_row, scratch(), n_embd);
+            k_dequantized = k;
+        }
+        ggml_vec_mad_f32((int) n_embd, acc() + t * n_embd, scratch(), h);
+        ++n_fired;
+    }
+
     void flush(int64_t t) {
         pi_bundle & b = pend()[t];
         pi_axpy_rows((int) n_embd, acc() + t * n_embd, b.rows, b.h, b.n, down_t->type, scratch());
@@ -729,6 +802,8 @@ struct pi_sparse_ffn {
             f += bf[b++];
         }
         const float * h = hbuf();
+        const bool fused = pi_axpy_fused(down_t->type);
+        k_dequantized = -1;
         const int64_t n_pairs = n_act * n_tok;
         int64_t * own = pairs();
         cursor c, cp; // cp: the prefetch's own cursor, ahead of c
@@ -750,7 +825,11 @@ struct pi_sparse_ffn {
                     pi_prefetch_row(row_of(down_t, row_at(cp, own[q + PI_PREFETCH_AHEAD] / n_tok)), down_t->nb[1]);
                 }
                 const int64_t k = own[q] / n_tok; // the pair's position and token
-                add_down(own[q] - k * n_tok, row_of(down_t, row_at(c, k)), h[own[q]]);
+                if (fused) {
+                    add_down(own[q] - k * n_tok, row_of(down_t, row_at(c, k)), h[own[q]]);
+                } else {
+                    add_down_dequantized(k, own[q] - k * n_tok, row_of(down_t, row_at(c, k)), h[own[q]]);
+                }
             }
         }
         for (int64_t t = 0; t < n_tok; ++t) {
