@@ -32,7 +32,13 @@ static size_t pi_bytes_of(const llama_model_loader & ml, const std::string & nam
 
 // The FFN row types the GPU kernels read (ggml-cuda pi-sparse-ffn.cu); others keep rows on the CPU.
 static bool pi_gpu_row_type(ggml_type t) {
-    return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16;
+    switch (t) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_K: case GGML_TYPE_Q6_K:
+            return true;
+        default:
+            return false;
+    }
 }
 
 int64_t llama_pi_auto_budget(size_t free, size_t total) {

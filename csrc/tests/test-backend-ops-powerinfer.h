@@ -1,8 +1,9 @@
 // powerinfer_gguf: test cases of GGML_OP_PI_SPARSE_FFN and GGML_OP_PI_GATHER_ROWS
 // (ggml/include/ggml-powerinfer.h), included by test-backend-ops.cpp after test_case.
-//   test: every backend that claims the op against the CPU kernel (F32/F16/BF16 rows, decode and
-//         multi-token ubatches, ReLU and dReLU, sparse and all-active, row counts off the kernels'
-//         block sizes, rows of a size the CUDA kernel cannot read 16 bytes at a time)
+//   test: every backend that claims the op against the CPU kernel (F32/F16/BF16 rows and
+//         Q4_0/Q8_0/Q4_K/Q6_K, decode and multi-token ubatches, ReLU and dReLU, sparse and
+//         all-active, row counts off the kernels' block sizes, rows of a size the CUDA kernel
+//         cannot read 16 bytes at a time)
 //   perf: GB/s of the rows a decode reads, for 13B- and 7B-shape rows stacked 4 layers deep (so
 //         the rows read exceed a GPU's L2), with a fresh active set between timed runs; and the
 //         CPU kernel's pairs against its tiles over prompt ubatches, by share of rows selected
@@ -79,8 +80,9 @@ struct test_pi_sparse_ffn : public test_case {
     }
 
     double max_nmse_err() override {
-        // the CPU kernel rounds x to the rows' dot-product type (F16, BF16), the CUDA one does not
-        return type == GGML_TYPE_F32 ? 1e-6 : 5e-4;
+        // the CPU kernel rounds x to the rows' dot-product type (F16, BF16; Q8_0 / Q8_K for
+        // quantized rows), the CUDA one does not
+        return type == GGML_TYPE_F32 ? 1e-6 : ggml_is_quantized(type) ? 2e-3 : 5e-4;
     }
 
     // bytes a decode (the perf cases: one token, ReLU) reads: a gate row per computed row, up and
@@ -157,6 +159,13 @@ static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_ca
         test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 4, 0.3f, true));
         test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 1, 1.0f, false, true));
         test_cases.emplace_back(new test_pi_sparse_ffn(type, 256, 512, 5, 1.0f, false, true));
+    }
+    // what pi-quantize writes (decode and a 3-token ubatch, sparse and all-active)
+    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K}) {
+        for (int64_t n_tok : {1, 3}) {
+            test_cases.emplace_back(new test_pi_sparse_ffn(type, 512, 300, n_tok, 0.2f));
+            test_cases.emplace_back(new test_pi_sparse_ffn(type, 512, 300, n_tok, 1.0f, true, true));
+        }
     }
     for (ggml_type type : {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0}) {
         for (int64_t n_embd : {256, 258, 4096}) { // 258 F16: 4-byte loads; Q4_0 rows of 18 bytes a block
