@@ -198,35 +198,86 @@ void pi_axpy_rows_f32(int n, float * acc, const char * const * rows, const float
 }
 
 #if defined(__AVX512F__)
-// Quantized rows (Q4_0, Q8_0: blocks of 32 values, an F16 scale first): a block of NR rows
-// dequantized in registers and accumulated into acc's 32 floats, which are loaded once for all
-// NR rows, as for 16-bit rows (no scratch row, no second pass).
-struct pi_q4_0 {
-    static constexpr size_t bytes = 18; // ggml's block_q4_0: d, 16 bytes of nibbles (low: 0-15, high: 16-31)
-    static __m512i i16(const uint8_t * blk, int half) {
-        const __m128i q = _mm_loadu_si128((const __m128i *) (blk + 2));
-        const __m128i v = _mm_and_si128(half ? _mm_srli_epi16(q, 4) : q, _mm_set1_epi8(0x0F));
-        return _mm512_sub_epi32(_mm512_cvtepu8_epi32(v), _mm512_set1_epi32(8));
+// Quantized rows (what pi-quantize writes: Q4_0, Q8_0, Q4_K, Q6_K), 32 values at a time: a group of
+// NR rows dequantized in registers (values32: two vectors of 16 floats) and accumulated into acc's
+// 32 floats, which are loaded once for all NR rows, as for 16-bit rows (no scratch, no second
+// pass). Layouts: ggml's block_q4_0, block_q8_0, block_q4_K, block_q6_K.
+static __m512 pi_cvt16(__m128i u8) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(u8)); }
+
+static __m256i pi_shift_mask(__m256i q, int shift, int mask) { // (q >> shift) & mask, per byte
+    return _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8((char) mask));
+}
+
+struct pi_q4_0 { // d (F16), 16 bytes: value j < 16 the low nibble of byte j, else the high one of byte j - 16; - 8
+    static constexpr int values = 32, bytes = 18;
+    static void values32(const uint8_t * b, int, __m512 & v0, __m512 & v1) {
+        const __m512 d = _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) b));
+        const __m128i q = _mm_loadu_si128((const __m128i *) (b + 2));
+        const __m512 eight = _mm512_set1_ps(8.0f);
+        v0 = _mm512_mul_ps(_mm512_sub_ps(pi_cvt16(_mm_and_si128(q, _mm_set1_epi8(15))), eight), d);
+        v1 = _mm512_mul_ps(_mm512_sub_ps(pi_cvt16(_mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15))), eight), d);
     }
 };
 
-struct pi_q8_0 {
-    static constexpr size_t bytes = 34; // ggml's block_q8_0: d, 32 int8
-    static __m512i i16(const uint8_t * blk, int half) {
-        return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (blk + 2 + 16 * half)));
+struct pi_q8_0 { // d (F16), 32 int8
+    static constexpr int values = 32, bytes = 34;
+    static void values32(const uint8_t * b, int, __m512 & v0, __m512 & v1) {
+        const __m512 d = _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) b));
+        v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b + 2)))), d);
+        v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b + 18)))), d);
+    }
+};
+
+struct pi_q4_k { // d, dmin (F16), 12 bytes of 6-bit scales and mins (one each per 32 values), 128 bytes of nibbles
+    static constexpr int values = 256, bytes = 144;
+    static void values32(const uint8_t * b, int s, __m512 & v0, __m512 & v1) {
+        const uint8_t * sc = b + 4;
+        int scale, min;
+        if (s < 4) {
+            scale = sc[s] & 63;
+            min   = sc[s + 4] & 63;
+        } else {
+            scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
+            min   = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
+        }
+        const __m512 d = _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) b) * scale);
+        const __m512 m = _mm512_set1_ps(GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) (b + 2)) * min);
+        // 32 bytes hold two groups: the even one in the low nibbles, the odd one in the high
+        const __m256i q = pi_shift_mask(_mm256_loadu_si256((const __m256i *) (b + 16 + 32 * (s / 2))), 4 * (s & 1), 15);
+        v0 = _mm512_fmsub_ps(pi_cvt16(_mm256_castsi256_si128(q)), d, m);
+        v1 = _mm512_fmsub_ps(pi_cvt16(_mm256_extracti128_si256(q, 1)), d, m);
+    }
+};
+
+struct pi_q6_k { // 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), d (F16); - 32
+    static constexpr int values = 256, bytes = 210;
+    static void values32(const uint8_t * b, int s, __m512 & v0, __m512 & v1) {
+        const int n = s / 4, quarter = s % 4; // 128-value half, 32-value quarter within it
+        const __m256i lo = pi_shift_mask(_mm256_loadu_si256((const __m256i *) (b + 64 * n + 32 * (quarter & 1))),
+                                         quarter < 2 ? 0 : 4, 15);
+        const __m256i hi = pi_shift_mask(_mm256_loadu_si256((const __m256i *) (b + 128 + 32 * n)), 2 * quarter, 3);
+        const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)); // 6 bits: no carry across bytes
+        const int8_t * sc = (const int8_t *) (b + 192 + 8 * n) + 2 * quarter;
+        const float d = GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) (b + 208));
+        const __m512 thirty_two = _mm512_set1_ps(32.0f);
+        v0 = _mm512_mul_ps(_mm512_sub_ps(pi_cvt16(_mm256_castsi256_si128(q)), thirty_two), _mm512_set1_ps(d * sc[0]));
+        v1 = _mm512_mul_ps(_mm512_sub_ps(pi_cvt16(_mm256_extracti128_si256(q, 1)), thirty_two), _mm512_set1_ps(d * sc[1]));
     }
 };
 
 template <typename Q, int NR>
 void pi_axpy_rows_q(int n, float * acc, const char * const * rows, const float * h) {
-    for (int b = 0; b < n / 32; ++b) {
-        float * a = acc + 32 * b;
+    constexpr int groups = Q::values / 32; // 32-value groups per block
+    for (int g = 0; g < n / 32; ++g) {
+        const int64_t off = (int64_t) (g / groups) * Q::bytes;
+        float * a = acc + 32 * g;
         __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
         for (int k = 0; k < NR; ++k) {
-            const uint8_t * blk = (const uint8_t *) rows[k] + b * Q::bytes;
-            const __m512 s = _mm512_set1_ps(h[k] * GGML_CPU_FP16_TO_FP32(*(const ggml_fp16_t *) blk));
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q::i16(blk, 0)), s, a0);
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Q::i16(blk, 1)), s, a1);
+            __m512 v0, v1;
+            Q::values32((const uint8_t *) rows[k] + off, g % groups, v0, v1);
+            const __m512 hk = _mm512_set1_ps(h[k]);
+            a0 = _mm512_fmadd_ps(v0, hk, a0);
+            a1 = _mm512_fmadd_ps(v1, hk, a1);
         }
         _mm512_storeu_ps(a, a0);
         _mm512_storeu_ps(a + 16, a1);
@@ -250,7 +301,7 @@ bool pi_axpy_fused(ggml_type type) {
         case GGML_TYPE_F16: case GGML_TYPE_BF16: case GGML_TYPE_F32:
             return true;
 #if defined(__AVX512F__)
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_K: case GGML_TYPE_Q6_K:
             return true;
 #endif
         default:
@@ -258,8 +309,8 @@ bool pi_axpy_fused(ggml_type type) {
     }
 }
 
-// F16/BF16/F32 rows (and, with AVX-512, Q4_0/Q8_0) fused in passes; other types dequantized a row
-// at a time into scratch
+// F16/BF16/F32 rows (and, with AVX-512, Q4_0/Q8_0/Q4_K/Q6_K) fused in passes; other types
+// dequantized a row at a time into scratch
 void pi_axpy_rows(int n, float * acc, const char * const * rows, const float * h, int nr, ggml_type type,
                   float * scratch) {
     auto passes = [&](auto pass) {
@@ -288,6 +339,12 @@ void pi_axpy_rows(int n, float * acc, const char * const * rows, const float * h
             return;
         case GGML_TYPE_Q8_0:
             passes([&](auto nr_c, int k) { pi_axpy_rows_q<pi_q8_0, decltype(nr_c)::value>(n, acc, rows + k, h + k); });
+            return;
+        case GGML_TYPE_Q4_K:
+            passes([&](auto nr_c, int k) { pi_axpy_rows_q<pi_q4_k, decltype(nr_c)::value>(n, acc, rows + k, h + k); });
+            return;
+        case GGML_TYPE_Q6_K:
+            passes([&](auto nr_c, int k) { pi_axpy_rows_q<pi_q6_k, decltype(nr_c)::value>(n, acc, rows + k, h + k); });
             return;
 #endif
         default:
