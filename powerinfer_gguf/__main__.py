@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from .cli import bench_cmd, convert_cmd, info_cmd, quantize_cmd, serve_cmd, setup_cmd, synth_cmd
+from .cli import bench_cmd, convert_cmd, eval_cmd, info_cmd, quantize_cmd, serve_cmd, setup_cmd, synth_cmd
 
 
 @click.group()
@@ -19,6 +19,7 @@ main.add_command(info_cmd, "info")
 main.add_command(convert_cmd, "convert")
 main.add_command(serve_cmd, "serve")
 main.add_command(quantize_cmd, "quantize")
+main.add_command(eval_cmd, "eval")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -245,6 +245,39 @@ def quantize_cmd(src, out, int4, qtype, predictor_type, threads, force):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
+@click.option("--stock", default=None, help="its stock twin: the same weights' perplexity run as stock")
+@click.option("--text", "text_file", default=None,
+              help="evaluation text (default: /usr/share/common-licenses, else llama.cpp's docs)")
+@click.option("--tokens", "n_tokens", type=int, default=2048, show_default=True, help="tokens scored")
+@click.option("--ctx", "n_ctx", type=int, default=256, show_default=True, help="window length")
+@click.option("--recall-tokens", type=int, default=512, show_default=True,
+              help="tokens of the numpy forward pass that measures recall and precision (0: skip)")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
+@click.option("--json", "json_path", default=None, help="also write the result as JSON")
+@click.option("--force", is_flag=True, help="replace an existing --json file")
+@one_line_errors
+def eval_cmd(model, stock, text_file, n_tokens, n_ctx, recall_tokens, threads, json_path, force):
+    """Perplexity of MODEL sparse and dense (and of its stock twin), per-layer predictor recall
+    and precision, on text calibration never saw."""
+    import dataclasses
+
+    from .evaluate import evaluate, render
+    from .outputs import check_outputs, staged
+
+    if json_path:
+        check_outputs([json_path], [p for p in (model, stock, text_file) if p], force=force)
+    res = evaluate(model, stock, text_file, n_tokens, n_ctx, recall_tokens, threads,
+                   progress=lambda m: click.echo(m, err=True))
+    click.echo(render(res))
+    if json_path:
+        from pathlib import Path
+        with staged() as st:
+            st.file(Path(json_path)).write_text(json.dumps(dataclasses.asdict(res), indent=2) + "\n")
+            st.commit()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @one_line_errors
 def info_cmd(model, as_json):
