@@ -10,6 +10,8 @@
 #                              writes that pair (other presets' files removed first; 13B ~440 s)
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
 #                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048
+#   [PRESET=13b] [BUDGET=50%] tools/gpu-split.sh q4
+#                              the pair to Q4_0 (pi-quantize), pi-bench at BUDGET: tg128, pp64, pp512
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
@@ -69,6 +71,21 @@ prep)
     ;;
 synth)
     start_synth $P
+    ;;
+q4)
+    # issue 16 on the GPU: the pair to Q4_0 with pi-quantize (ours keeps its predictors, Q8_0),
+    # then pi-bench at BUDGET (default 50%: a 40B Q4_0 on an 11 GB card is ~50% of its weights):
+    # decode tg128 and prompts of 64 and 512 tokens, stock's faster way against ours
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    for side in pi stock; do
+        python3 -m powerinfer_gguf quantize $M/$P.$side.gguf $M/$P.q4.$side.gguf --int4 -t 16 --force 2>&1 | tail -1
+    done
+    el "quantized"
+    for p in 64 512; do
+        python3 -m powerinfer_gguf bench $M/$P.q4.pi.gguf --stock $M/$P.q4.stock.gguf --vram-budget ${BUDGET:-50%} \
+            -t 16 -p $p -n 128 -r 2 --ttft none --json "$OUT/$P-q4-p$p.json" 2>&1 | grep -v "^\[" | tee "$OUT/$P-q4-p$p.txt"
+        el "Q4_0 at ${BUDGET:-50%}, p$p done"
+    done
     ;;
 kernel)
     # all computed neurons firing, and 66% of them (PI_BENCH_FIRE: a real decode's precision,
