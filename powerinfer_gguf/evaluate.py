@@ -96,8 +96,11 @@ def _check(model: Path, stock: Path | None, text_file: Path | None, n_tokens: in
             r = gguf.GGUFReader(p)
         except Exception:  # noqa: BLE001 - any parse failure is "not a GGUF" to the user
             raise ValueError(f"{p}: not a readable GGUF") from None
-        if ours and fmt.Keys.SPARSE not in r.fields:
-            raise ValueError(f"{p}: not one of our sparse files (no {fmt.Keys.SPARSE}); give it as --stock")
+        if ours and not (fmt.Keys.SPARSE in r.fields and r.fields[fmt.Keys.SPARSE].contents()):
+            raise ValueError(f"{p}: not one of our sparse files ({fmt.Keys.SPARSE} absent or false); give it as --stock")
+        arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
+        if ours and arch != "llama":
+            raise ValueError(f"{p}: architecture {arch!r}: pi-eval reads llama-family files")
 
 
 def evaluate(model, stock=None, text_file=None, n_tokens: int = 2048, n_ctx: int = 256,

@@ -14,13 +14,23 @@
 // way transposes the weight into a scratch copy and runs mul_mat, which reaches the GEMM kernels:
 // one extra pass over the down weight per ubatch, far cheaper than ggml_out_prod over down_t
 // (docs/NOTES.md).
-static ggml_tensor * pi_down_neuron_rows(ggml_context * ctx0, ggml_tensor * down_t, ggml_tensor * h) {
+// Its nodes (views aside) are added to `nodes`.
+static ggml_tensor * pi_down_neuron_rows(ggml_context * ctx0, ggml_tensor * down_t, ggml_tensor * h,
+                                         std::vector<ggml_tensor *> & nodes) {
     if (ggml_is_quantized(down_t->type)) {
         // quantized blocks run along a row: a transposed view cannot be copied block-wise, so
-        // dequantize first
-        down_t = ggml_cast(ctx0, down_t, GGML_TYPE_F32);
+        // dequantize first, by get_rows of every row (CUDA's cast has no K-quant source; its
+        // get_rows has them all, so the dense GPU way stays on the GPU)
+        const int64_t n = down_t->ne[1];
+        ggml_tensor * arange = ggml_arange(ctx0, 0.0f, (float) n, 1.0f);
+        ggml_tensor * ids = ggml_cast(ctx0, arange, GGML_TYPE_I32);
+        down_t = ggml_get_rows(ctx0, down_t, ids);
+        nodes.insert(nodes.end(), { arange, ids, down_t });
     }
-    return ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, down_t)), h);
+    ggml_tensor * down = ggml_cont(ctx0, ggml_transpose(ctx0, down_t));
+    ggml_tensor * out = ggml_mul_mat(ctx0, down, h);
+    nodes.insert(nodes.end(), { down, out });
+    return out;
 }
 
 // Ubatches up to this many tokens run the sparse op where the rows are in GPU memory; larger ones
@@ -143,9 +153,7 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
         h = node(ggml_mul(ctx0, h, mask));
     }
     g.cb(h, "ffn_pi_h", il);
-    ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h);
-    nodes.push_back(out->src[0]); // the transposed copy
-    nodes.push_back(out);
+    ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h, nodes);
     if (gpu) {
         for (ggml_tensor * t : nodes) {
             ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);

@@ -171,7 +171,18 @@ static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & 
 
 // Compute buffers of a prompt ubatch on the GPU: logits, attention scores, FFN activations (gate,
 // up, h, score, mask) and, with a GPU, the staging of a large ubatch's dense FFN: a chunk of rows
-// in CPU memory brought over (gate, up, down) plus its transposed down (llama-powerinfer-graph.cpp).
+// in CPU memory brought over (gate, up, down) plus its transposed down (llama-powerinfer-graph.cpp),
+// which for quantized rows is F32 and comes from an F32 copy of the chunk (both alive at once).
+static int64_t pi_staging_bytes(const llama_model_loader & ml, int64_t n_ff_max, int64_t n_ff0) {
+    const int64_t rows = std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS);
+    const int64_t row_b = (int64_t) pi_bytes_of(ml, "blk.0.ffn_gate.weight") / n_ff0;
+    const ggml_tensor * down = ml.get_tensor_meta("blk.0.ffn_down_t.weight");
+    if (down == nullptr || !ggml_is_quantized(down->type)) {
+        return 4 * rows * row_b;
+    }
+    return rows * (3 * row_b + 2 * down->ne[0] * (int64_t) sizeof(float));
+}
+
 static int64_t pi_compute_reserve(const llama_model_base & model, const llama_model_loader & ml, int64_t n_ctx,
                                   bool gpu) {
     const llama_hparams & hp = model.hparams;
@@ -180,8 +191,7 @@ static int64_t pi_compute_reserve(const llama_model_base & model, const llama_mo
         n_head_max = std::max<int64_t>(n_head_max, hp.n_head(il));
         n_ff_max   = std::max<int64_t>(n_ff_max, hp.n_ff(il));
     }
-    const int64_t staging = gpu ? 4 * std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS) *
-                                  (int64_t) pi_bytes_of(ml, "blk.0.ffn_gate.weight") / hp.n_ff(0) : 0;
+    const int64_t staging = gpu ? pi_staging_bytes(ml, n_ff_max, hp.n_ff(0)) : 0;
     const int64_t n_ub = std::min<int64_t>(512, n_ctx);
     const int64_t reserve = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_RESERVE,
         (64ll << 20) + staging + n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_head_max * n_ctx + 5 * n_ff_max));
