@@ -68,6 +68,8 @@ prep)
     for op in PI_GATHER_ROWS PI_SPARSE_FFN; do
         $(pi_patched_bin)/test-backend-ops -o $op -b CUDA0 2>&1 | grep -E "FAIL|passed" | tail -3
     done | tee "$OUT/backend-ops.txt"
+    # the gather from pinned host memory against copying the whole weight: where it stops paying
+    $(pi_patched_bin)/test-pi-sparse-ffn --perf | tee "$OUT/gather-perf.txt"
     ;;
 synth)
     start_synth $P

@@ -8,12 +8,17 @@
 // byte for byte, the others zero.
 //
 //   test-pi-sparse-ffn [-v]     exit status 0 when every case passes
+//   test-pi-sparse-ffn --perf   on each GPU: the gather reading a 13B-shape weight from the device's
+//                               host buffer, kept shares 1 to 0.25, against copying the whole weight
+//                               over (what the scheduler does without the gather): the crossover
+//                               between the two is the share below which gathering wins
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml-powerinfer.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -266,8 +271,74 @@ bool pi_check_gather(ggml_backend_t backend, ggml_type type, int64_t n_embd, int
     return ok;
 }
 
+// Seconds per run of fn, best of `reps` after one warm-up run
+template <typename F>
+double pi_best_seconds(ggml_backend_t be, int reps, F fn) {
+    double best = 1e30;
+    for (int r = 0; r <= reps; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        fn();
+        ggml_backend_synchronize(be);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = r ? std::min(best, s) : best;
+    }
+    return best;
+}
+
+void pi_perf_gather(ggml_backend_t be) {
+    ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(be));
+    if (host == nullptr) {
+        return;
+    }
+    const int64_t n_embd = 5120, n_rows = 13824; // a 13B layer's gate, F16: 141.6 MB
+    ggml_init_params ip = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
+    ggml_context * ctx_w = ggml_init(ip);
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * w = ggml_new_tensor_2d(ctx_w, GGML_TYPE_F16, n_embd, n_rows);
+    ggml_tensor * count = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_rows);
+    ggml_tensor * w_dev = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_embd, n_rows);
+    ggml_tensor * out = ggml_pi_gather_rows(ctx, w, count);
+    ggml_backend_buffer_t buf_w = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, host);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, be);
+    std::vector<uint16_t> ones(ggml_nelements(w), 0x3c00); // 1.0 in F16
+    ggml_backend_tensor_set(w, ones.data(), 0, ggml_nbytes(w));
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    const double gb = ggml_nbytes(w) / 1e9;
+    const double t_copy = pi_best_seconds(be, 5, [&] { ggml_backend_tensor_copy(w, w_dev); });
+    printf("%s: copy of the whole weight (%.3f GB): %.2f ms, %.1f GB/s\n", ggml_backend_name(be), gb, t_copy * 1e3, gb / t_copy);
+    std::mt19937 rng(7);
+    for (double share : { 1.0, 0.9, 0.76, 0.5, 0.25 }) {
+        std::bernoulli_distribution on(share);
+        std::vector<float> cnt(n_rows);
+        for (float & v : cnt) {
+            v = on(rng) ? 1.0f : 0.0f;
+        }
+        ggml_backend_tensor_set(count, cnt.data(), 0, ggml_nbytes(count));
+        const double t = pi_best_seconds(be, 5, [&] { ggml_backend_graph_compute(be, gf); });
+        printf("%s: gather of %.0f%% of rows: %.2f ms, %.1f GB/s of rows kept, %.2fx the copy's time\n",
+               ggml_backend_name(be), 100 * share, t * 1e3, share * gb / t, t / t_copy);
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_backend_buffer_free(buf_w);
+    ggml_free(ctx);
+    ggml_free(ctx_w);
+}
+
 int main(int argc, char ** argv) {
     const bool verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
+    if (argc > 1 && strcmp(argv[1], "--perf") == 0) {
+        ggml_backend_load_all();
+        for (size_t d = 0; d < ggml_backend_dev_count(); ++d) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(d);
+            if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+                ggml_backend_t be = ggml_backend_dev_init(dev, nullptr);
+                pi_perf_gather(be);
+                ggml_backend_free(be);
+            }
+        }
+        return 0;
+    }
     ggml_backend_load_all();
     ggml_backend_t cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
     if (cpu == nullptr) {
