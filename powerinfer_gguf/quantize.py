@@ -117,21 +117,27 @@ def _verify(src: Path, out: Path, ours: bool, predictors: dict[str, str]) -> Non
             raise RuntimeError(f"llama-quantize wrote {t.name} as {t.tensor_type.name}, not {want}")
 
 
-def _run_quantizer(src: Path, tmp: Path, types_file: Path, qtype: str, predictors: dict[str, str],
-                   threads: int | None) -> None:
-    """llama-quantize, told each predictor's type by exact name (its --tensor-type-file holds
-    regular expressions, hence the escapes and anchors)."""
-    from .build import bin_path
-
-    cmd = [str(bin_path("patched", "llama-quantize"))]
-    if predictors:
-        types_file.write_text("\n".join(f"^{re.escape(n)}$={t}" for n, t in predictors.items()) + "\n")
-        cmd += ["--tensor-type-file", str(types_file)]
-    cmd += [str(src), str(tmp), TYPES[qtype][0], str(threads or os.cpu_count() or 2)]
+def llama_quantize(quantize_bin: Path, src: Path, dst: Path, llama_type: str, threads: int | None = None,
+                   options: tuple[str, ...] = ()) -> None:
+    """llama-quantize src -> dst (the caller's temporary file); a failure raises its last line."""
+    cmd = [str(quantize_bin), *options, str(src), str(dst), llama_type, str(threads or os.cpu_count() or 2)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-        raise RuntimeError(f"llama-quantize {qtype} failed: {tail[0]}")
+        raise RuntimeError(f"llama-quantize {llama_type} failed: {tail[0]}")
+
+
+def _run_quantizer(src: Path, tmp: Path, types_file: Path, qtype: str, predictors: dict[str, str],
+                   threads: int | None) -> None:
+    """The patched build's llama-quantize, told each predictor's type by exact name (its
+    --tensor-type-file holds regular expressions, hence the escapes and anchors)."""
+    from .build import bin_path
+
+    options: tuple[str, ...] = ()
+    if predictors:
+        types_file.write_text("\n".join(f"^{re.escape(n)}$={t}" for n, t in predictors.items()) + "\n")
+        options = ("--tensor-type-file", str(types_file))
+    llama_quantize(bin_path("patched", "llama-quantize"), src, tmp, TYPES[qtype][0], threads, options)
 
 
 def quantize(src, out, qtype: str, *, predictor_type: str = "auto", threads: int | None = None,

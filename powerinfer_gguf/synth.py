@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import format as fmt
 from .forward import Hparams, attention_outputs, ffn_activation, rms_norm
 from .layout import GGUFOut, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
 from .outputs import check_outputs, staged
+from .quantize import llama_quantize
 
 # name: (n_embd, n_ff, n_layer, n_head, n_head_kv); LLaMA-family shapes, 32000-token SPM vocab.
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -534,18 +534,9 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
         if pi is not None:
             _patch_measured(pi, {**measured, K.PREDICTOR_RECALL: recall, K.PREDICTOR_PRECISION: precision})
         if quantize_bin:
-            quantize_file(quantize_bin, dense, final, outtype)
+            llama_quantize(quantize_bin, dense, final, outtype.upper())
         st.commit()
     return SynthResult(job.out, job.hp, profile, time.time() - t0, job.out.stat().st_size)
-
-
-def quantize_file(quantize_bin: Path, src: Path, dst: Path, outtype: str, threads: int | None = None) -> None:
-    """llama-quantize src -> dst (the caller's temporary file)."""
-    cmd = [str(quantize_bin), str(src), str(dst), outtype.upper(), str(threads or os.cpu_count() or 2)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-        raise RuntimeError(f"llama-quantize {outtype} failed: {tail[0]}")
 
 
 class HFCheckpointWriter:

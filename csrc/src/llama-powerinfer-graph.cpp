@@ -55,14 +55,6 @@ struct pi_ffn_part {
 // predictor's selection.
 enum pi_way { PI_WAY_SPARSE, PI_WAY_DENSE, PI_WAY_DENSE_GPU };
 
-// Room for the few tensors that ask a backend about an op (none of them joins the graph, whose
-// context is sized for its nodes)
-struct pi_probe_ctx {
-    ggml_context * ctx;
-    pi_probe_ctx() : ctx(ggml_init({ 4 * ggml_tensor_overhead(), nullptr, true })) {}
-    ~pi_probe_ctx() { ggml_free(ctx); }
-};
-
 static bool pi_in_gpu_memory(const ggml_tensor * w) {
     return w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
 }
@@ -79,7 +71,7 @@ static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * 
     if (t != GGML_BACKEND_DEVICE_TYPE_GPU && t != GGML_BACKEND_DEVICE_TYPE_IGPU) {
         return nullptr;
     }
-    pi_probe_ctx probe_ctx;
+    llama_pi_probe_ctx probe_ctx;
     ggml_tensor * probe = ggml_mul_mat(probe_ctx.ctx, w, x); // not in the graph: only asks the GPU
     return ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe) ? b : nullptr;
 }
@@ -102,7 +94,7 @@ static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, 
 // Whether the GPU reads w's rows where they lie (its pinned host memory), so that a gather moves
 // only the rows a ubatch selects; otherwise the scheduler copies all of them over.
 static bool pi_gpu_reads_in_place(ggml_backend_t gpu, ggml_tensor * w) {
-    pi_probe_ctx probe_ctx;
+    llama_pi_probe_ctx probe_ctx;
     ggml_tensor * count = ggml_new_tensor_1d(probe_ctx.ctx, GGML_TYPE_F32, w->ne[1]);
     ggml_tensor * probe = ggml_pi_gather_rows(probe_ctx.ctx, w, count); // not in the graph: only asks the GPU
     return ggml_backend_supports_op(gpu, probe) && ggml_pi_reads_in_place(gpu, probe, 0);

@@ -57,6 +57,14 @@ constexpr int64_t LLAMA_PI_GPU_CHUNK_ROWS = 4096;
 // dense GPU way builds ~24 per chunk of a part. 0 for any other file.
 uint32_t llama_pi_graph_extra_nodes(const llama_model & model);
 
+// Room for the few metadata-only tensors that ask a backend about an op (none joins a graph: a
+// graph's context is sized for its nodes)
+struct llama_pi_probe_ctx {
+    ggml_context * ctx;
+    llama_pi_probe_ctx() : ctx(ggml_init({ 8 * ggml_tensor_overhead(), nullptr, true })) {}
+    ~llama_pi_probe_ctx() { ggml_free(ctx); }
+};
+
 // Reads `<arch>.hidden_activation` into hparams.pi.ffn_act; absent means SiLU. An activation we
 // do not know fails the load with a message naming it (never a silent SiLU).
 void llama_pi_load_ffn_act(llama_model_loader & ml, llama_hparams & hparams);

@@ -10,6 +10,7 @@
 #include "llama-model-loader.h"
 
 #include "ggml-backend.h"
+#include "ggml-powerinfer.h"
 
 #include <algorithm>
 #include <cinttypes>
@@ -30,15 +31,20 @@ static size_t pi_bytes_of(const llama_model_loader & ml, const std::string & nam
     return t ? ggml_nbytes(t) : 0;
 }
 
-// The FFN row types the GPU kernels read (ggml-cuda pi-sparse-ffn.cu); others keep rows on the CPU.
-static bool pi_gpu_row_type(ggml_type t) {
-    switch (t) {
-        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_K: case GGML_TYPE_Q6_K:
-            return true;
-        default:
-            return false;
+// Whether the GPU's sparse op reads a layer's rows (their types), asked of the device with the op
+// built over them: its supports_op is the one list. Rows it cannot read stay in CPU memory. No
+// GPU (a plan made without one): the plan a GPU that reads them would get.
+static bool pi_gpu_reads_rows(ggml_backend_dev_t gpu, const ggml_tensor * gate, const ggml_tensor * down_t) {
+    if (gpu == nullptr || gate == nullptr || down_t == nullptr) {
+        return true;
     }
+    llama_pi_probe_ctx probe;
+    const int64_t n_embd = gate->ne[0], n_rows = gate->ne[1];
+    auto rows = [&](ggml_type t) { return ggml_new_tensor_2d(probe.ctx, t, n_embd, n_rows); };
+    ggml_tensor * op = ggml_pi_sparse_ffn(probe.ctx, ggml_new_tensor_2d(probe.ctx, GGML_TYPE_F32, n_embd, 1),
+        rows(gate->type), rows(gate->type), rows(down_t->type), ggml_new_tensor_2d(probe.ctx, GGML_TYPE_F32, n_rows, 1),
+        ggml_new_tensor_1d(probe.ctx, GGML_TYPE_F32, n_rows), GGML_PI_ACT_RELU, 0, nullptr);
+    return ggml_backend_dev_supports_op(gpu, op);
 }
 
 int64_t llama_pi_auto_budget(size_t free, size_t total) {
@@ -124,9 +130,9 @@ static int64_t pi_budget_bytes(const llama_model_loader & ml, ggml_backend_dev_t
 }
 
 // What each layer reads whole (weights other than FFN rows, plus its KV cache for n_ctx tokens),
-// one FFN row's bytes and whether the GPU reads its type; frequencies read into freq[il].
+// one FFN row's bytes and whether the GPU reads its rows; frequencies read into freq[il].
 static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & model, llama_model_loader & ml, int64_t n_ctx,
-                                                       std::vector<std::vector<float>> & freq) {
+                                                       ggml_backend_dev_t gpu, std::vector<std::vector<float>> & freq) {
     const llama_hparams & hp = model.hparams;
     const int n_layer = (int) hp.n_layer();
     std::vector<llama_pi_plan_layer> cost(n_layer);
@@ -143,7 +149,8 @@ static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & 
         if (r == "ffn_gate.weight" || r == "ffn_up.weight" || r == "ffn_down_t.weight") {
             cost[il].row_bytes += ggml_row_size(w.second.tensor->type, w.second.tensor->ne[0]);
             if (r == "ffn_gate.weight") {
-                cost[il].gpu_rows = pi_gpu_row_type(w.second.tensor->type);
+                const std::string down = "blk." + std::to_string(il) + ".ffn_down_t.weight";
+                cost[il].gpu_rows = pi_gpu_reads_rows(gpu, w.second.tensor, ml.get_tensor_meta(down.c_str()));
             }
         } else {
             cost[il].base_bytes += ggml_nbytes(w.second.tensor);
@@ -236,7 +243,7 @@ static int pi_plan_budget(llama_model_base & model, llama_model_loader & ml, int
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_SPLIT_COST_US " = " + std::to_string(split_us) + " is outside 0..1000000");
     }
     std::vector<std::vector<float>> freq;
-    const std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, n_ctx, freq);
+    const std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, n_ctx, gpu, freq);
     const int64_t reserve = pi_compute_reserve(model, ml, n_ctx, gpu != nullptr);
     size_t out_bytes = pi_bytes_of(ml, "output_norm.weight");
     out_bytes += ml.get_tensor_meta("output.weight") ? pi_bytes_of(ml, "output.weight") : pi_bytes_of(ml, "token_embd.weight");
