@@ -76,6 +76,11 @@ class Tensors:
     PRED_THRESHOLD = "blk.{}.pi_pred_threshold"  # [n_ff] F32: active where fc2 act(fc1 x) > this
     NEURON_FREQ = "blk.{}.pi_neuron_freq"        # [n_ff] F32: firing frequency, non-increasing
 
+    @staticmethod
+    def is_predictor(name: str) -> bool:
+        """A predictor weight (fc1, fc2): what pi-quantize keeps at its own precision."""
+        return ".pi_pred_fc" in name
+
 
 def write_llama_kv(w, hp, name: str) -> None:
     """llama.cpp's own keys for a LLaMA-architecture model (a gguf.GGUFWriter; hp: forward.Hparams),

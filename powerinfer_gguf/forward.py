@@ -48,13 +48,14 @@ def rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
     return out
 
 
-def attention(xn: np.ndarray, wq, wk, wv, wo, hp: Hparams, pos: np.ndarray) -> np.ndarray:
-    """Causal self-attention over one sequence; xn [T, n_embd] (already normed)."""
-    T = xn.shape[0]
-    hd = hp.head_dim
-    q = rope((xn @ wq.T).reshape(T, hp.n_head, hd), pos, hp.rope_theta)
-    k = rope((xn @ wk.T).reshape(T, hp.n_head_kv, hd), pos, hp.rope_theta)
-    v = (xn @ wv.T).reshape(T, hp.n_head_kv, hd)
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, hp: Hparams) -> np.ndarray:
+    """Causal attention of one sequence's projections q [T, n_embd], k and v [T, n_kv]: [T, n_embd]
+    before the output projection."""
+    T, hd = q.shape[0], hp.head_dim
+    pos = np.arange(T)
+    q = rope(q.reshape(T, hp.n_head, hd), pos, hp.rope_theta)
+    k = rope(k.reshape(T, hp.n_head_kv, hd), pos, hp.rope_theta)
+    v = v.reshape(T, hp.n_head_kv, hd)
     rep = hp.n_head // hp.n_head_kv
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
@@ -64,13 +65,16 @@ def attention(xn: np.ndarray, wq, wk, wv, wo, hp: Hparams, pos: np.ndarray) -> n
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    out = np.einsum("hts,shd->thd", p, v).reshape(T, hp.n_embd)
-    return out @ wo.T
+    return np.einsum("hts,shd->thd", p, v).reshape(T, hp.n_embd)
 
 
 def attention_outputs(xs: list[np.ndarray], w_norm: np.ndarray, wq, wk, wv, wo, hp: Hparams) -> list[np.ndarray]:
-    """What one layer's attention adds to each sequence's residual ``xs[i]`` [T_i, n_embd]."""
-    return [attention(rms_norm(x, w_norm, hp.rms_eps), wq, wk, wv, wo, hp, np.arange(len(x))) for x in xs]
+    """What one layer's attention adds to each sequence's residual ``xs[i]`` [T_i, n_embd]. The
+    projections take every sequence's tokens at once: a weight is read once, not per sequence."""
+    ends = np.cumsum([len(x) for x in xs])[:-1]
+    xn = rms_norm(np.concatenate(xs), w_norm, hp.rms_eps)
+    qs, ks, vs = (np.split(xn @ w.T, ends) for w in (wq, wk, wv))
+    return np.split(np.concatenate([attend(q, k, v, hp) for q, k, v in zip(qs, ks, vs)]) @ wo.T, ends)
 
 
 @dataclass

@@ -8,6 +8,7 @@ down_t, fc2, threshold and freq is the caller's (hot to cold).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,35 +19,96 @@ from . import format as fmt
 Plan = list[tuple[str, tuple[int, ...]]]
 
 OUTTYPES = ("f32", "f16", "bf16")
+QUANT_OUTTYPES = ("q4_0", "q8_0")  # written directly (pi-synth), as llama-quantize would write them
+_CHUNK_VALUES = 1 << 22            # a thread's share of a tensor: rows of about this many values
 
 
 def file_type(outtype: str):
-    """llama.cpp's general.file_type for an outtype (q4_0/q8_0 files are made by llama-quantize)."""
+    """llama.cpp's general.file_type for an outtype."""
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
+    T = gguf.LlamaFileType
+    return {"f32": T.ALL_F32, "f16": T.MOSTLY_F16, "bf16": T.MOSTLY_BF16, "q4_0": T.MOSTLY_Q4_0,
+            "q8_0": T.MOSTLY_Q8_0}[outtype]
 
 
-def storage(outtype: str, is_vector: bool):
-    """(numpy dtype of the data, gguf raw type or None) of one stored tensor: vectors (norms,
-    thresholds, frequencies) stay F32, as llama.cpp's converter keeps them; weights follow outtype."""
+def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
+    """The gguf type a tensor is stored as: vectors (norms, thresholds, frequencies) F32, as
+    llama.cpp's converter keeps them; weights follow outtype. Quantized outtypes follow
+    llama-quantize's mix (output.weight Q6_K under Q4_0) and pi-quantize's predictor rule, so a
+    pair written directly holds the types pi-quantize would give it."""
     import gguf
 
-    if is_vector or outtype == "f32":
-        return np.dtype(np.float32), None
-    if outtype == "f16":
-        return np.dtype(np.float16), None
-    return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
+    from .quantize import predictor_qtype
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or outtype == "f32":
+        return Q.F32
+    if outtype in ("f16", "bf16"):
+        return Q.F16 if outtype == "f16" else Q.BF16
+    if fmt.Tensors.is_predictor(name):
+        return Q[predictor_qtype(name, shape[-1], "auto").upper()]
+    if name == "output.weight" and outtype == "q4_0" and shape[-1] % 256 == 0:
+        return Q.Q6_K
+    return Q[outtype.upper()]
 
 
-def to_stored(a: np.ndarray, outtype: str) -> np.ndarray:
+def type_nbytes(qtype, shape: tuple[int, ...]) -> int:
     import gguf
 
-    dt, raw = storage(outtype, a.ndim == 1)
-    if raw is None:
-        return np.ascontiguousarray(a, dt)
-    return gguf.quants.quantize(np.ascontiguousarray(a, np.float32), raw)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def stored(a: np.ndarray, qtype, rows: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of ``a`` as written: its rows (in ``rows`` order when given) as ``qtype``, a chunk
+    of rows per thread (numpy's gathers and casts and ggml's quantizer release the GIL)."""
+    import gguf
+
+    from .quantize import quantize_rows
+
+    Q = gguf.GGMLQuantizationType
+    if a.ndim == 1:
+        return np.ascontiguousarray(a if rows is None else a[rows], np.float32)
+    n, k = a.shape
+    cast = {Q.F32: np.float32, Q.F16: np.float16}.get(qtype)
+    out = np.empty((n, k) if cast else (n, type_nbytes(qtype, (k,))), cast or np.uint8)
+
+    def chunk(s: int, e: int) -> None:
+        src = a[s:e] if rows is None else a[rows[s:e]]
+        if cast:
+            out[s:e] = src
+        elif qtype == Q.BF16:
+            out[s:e] = gguf.quants.quantize(np.ascontiguousarray(src, np.float32), qtype).view(np.uint8)
+        else:
+            quantize_rows(src, qtype, out[s:e])
+
+    for_row_chunks(n, max(1, _CHUNK_VALUES // k), chunk)
+    return out
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` (a transposed view), a chunk of rows per thread."""
+    out = np.empty(a.shape, a.dtype)
+
+    def chunk(s: int, e: int) -> None:
+        out[s:e] = a[s:e]
+
+    for_row_chunks(a.shape[0], max(1, _CHUNK_VALUES // a.shape[1]), chunk)
+    return out
+
+
+def for_row_chunks(n: int, step: int, fn) -> None:
+    """fn(start, end) over [0, n) in steps, on a thread per core; errors re-raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = range(0, n, step)
+    if len(starts) == 1:
+        fn(0, n)
+        return
+    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 2)) as ex:
+        for f in [ex.submit(fn, s, min(n, s + step)) for s in starts]:
+            f.result()
 
 
 def tensor_name(kind, il: int | None = None) -> str:
@@ -107,35 +169,38 @@ class GGUFOut:
         self.w = gguf.GGUFWriter(path, arch)
         self.outtype = outtype
         self.plan: Plan = []
+        self.types: list = []
         self.done = 0
 
     def begin(self, plan: Plan) -> None:
         """Tensor infos and the header; keys must be added before."""
         self.plan = list(plan)
-        for name, shape in self.plan:
-            dt, raw = storage(self.outtype, len(shape) == 1)
-            self.w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=raw)
+        self.types = [tensor_type(self.outtype, name, shape) for name, shape in self.plan]
+        for (name, shape), qtype in zip(self.plan, self.types):
+            self.w.add_tensor_info(name, shape, np.dtype(np.float32), type_nbytes(qtype, shape), raw_dtype=qtype)
         self.w.write_header_to_file()
         self.w.write_kv_data_to_file()
         self.w.write_ti_data_to_file()
 
-    def put(self, name: str, a: np.ndarray) -> None:
+    def put(self, name: str, a: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """The next planned tensor: ``a``, or its rows in ``rows`` order."""
         want = self.plan[self.done]
         if (name, tuple(a.shape)) != want:  # a writer bug, never user input: the file would be corrupt
             raise AssertionError(f"writing {name} {list(a.shape)}, the plan has {want[0]} {list(want[1])}")
-        self.w.write_tensor_data(to_stored(a, self.outtype))
+        self.w.write_tensor_data(stored(a, self.types[self.done], rows))
         self.done += 1
 
     def put_sparse_ffn_down(self, il: int, down: np.ndarray, fc1: np.ndarray, fc2: np.ndarray,
-                            threshold: np.ndarray, freq: np.ndarray) -> None:
+                            threshold: np.ndarray, freq: np.ndarray, order: np.ndarray | None = None) -> None:
         """A layer's part of our layout that stands where ffn_down would: down [n_embd, n_ff]
-        stored one row per neuron, then the predictor and frequencies, all in neuron order."""
+        stored one row per neuron, then the predictor and frequencies; neurons in ``order`` when
+        given (down's columns, fc2's rows, threshold, freq), else as they come."""
         T = fmt.Tensors
-        self.put(T.FFN_DOWN_T.format(il), np.ascontiguousarray(down.T))
+        # gathering rows of a transposed view reads columns: 4x slower than transposing first
+        self.put(T.FFN_DOWN_T.format(il), down.T if order is None else contiguous(down.T), order)
         self.put(T.PRED_FC1.format(il), fc1)
-        self.put(T.PRED_FC2.format(il), fc2)
-        self.put(T.PRED_THRESHOLD.format(il), threshold)
-        self.put(T.NEURON_FREQ.format(il), freq)
+        for name, a in ((T.PRED_FC2, fc2), (T.PRED_THRESHOLD, threshold), (T.NEURON_FREQ, freq)):
+            self.put(name.format(il), a, order)
 
     def close(self) -> None:
         if self.done != len(self.plan):

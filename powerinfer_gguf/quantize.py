@@ -7,15 +7,22 @@ are read whole every token; Q8_0 keeps their recall to 4 digits at half F16's by
 blocks, F16 elsewhere. A stock twin is quantized the same way, tensor for tensor.
 
 Every check runs before the quantizer starts; the output appears whole or not at all.
+
+``quantize_rows`` is the same quantizer in process (ggml's ``ggml_quantize_chunk``), for writers
+that stream quantized tensors themselves (pi-synth's Q4_0/Q8_0 pairs, layer by layer).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import format as fmt
 from .outputs import check_outputs, staged
@@ -24,7 +31,6 @@ from .outputs import check_outputs, staged
 TYPES = {"q4_0": ("Q4_0", 32), "q8_0": ("Q8_0", 32), "q4_k": ("Q4_K_M", 256)}
 PREDICTOR_TYPES = ("auto", "q8_0", "f16")
 _FLOAT_TYPES = ("F32", "F16", "BF16")
-_PREDICTOR_PATTERN = "pi_pred_fc"  # in the names of our predictors' weights
 
 
 class QuantizeError(ValueError):
@@ -55,8 +61,9 @@ def _quantized_by_llama(name: str, n_dims: int) -> bool:
     return name.endswith("weight") and n_dims >= 2 and not name.endswith("_norm.weight")
 
 
-def _predictor_type(name: str, row: int, predictor_type: str) -> str:
-    if predictor_type == "f16" or (predictor_type == "auto" and row % 32):
+def predictor_qtype(name: str, row: int, choice: str) -> str:
+    """The type a predictor weight with rows of ``row`` values gets under --predictor-type."""
+    if choice == "f16" or (choice == "auto" and row % 32):
         return "f16"
     if row % 32:
         raise QuantizeError(f"{name} has rows of {row} values, not a multiple of q8_0's 32-value blocks: "
@@ -88,8 +95,8 @@ def _check_source(src: Path, qtype: str, predictor_type: str) -> tuple[bool, int
             continue
         if t.tensor_type.name not in _FLOAT_TYPES:
             raise QuantizeError(f"{src}: {t.name} is already {t.tensor_type.name}: pi-quantize reads F32/F16/BF16 files")
-        if ours and _PREDICTOR_PATTERN in t.name:
-            predictors[t.name] = _predictor_type(f"{src}: {t.name}", int(t.shape[0]), predictor_type)
+        if ours and fmt.Tensors.is_predictor(t.name):
+            predictors[t.name] = predictor_qtype(f"{src}: {t.name}", int(t.shape[0]), predictor_type)
             continue
         if int(t.shape[0]) % block:
             raise QuantizeError(f"{src}: {t.name} has rows of {int(t.shape[0])} values, not a multiple of "
@@ -154,3 +161,34 @@ def quantize(src, out, qtype: str, *, predictor_type: str = "auto", threads: int
         st.commit()
     return QuantizeResult(src, out, qtype, ours, predictors, n,
                           src.stat().st_size, out.stat().st_size, time.time() - t0)
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml_quantize_chunk():
+    """ggml_quantize_chunk of the patched build's libggml-base: the code llama-quantize runs (2.7x
+    gguf-py's numpy Q4_0 on one thread, and it releases the GIL, so writers quantize in threads)."""
+    from .build import bin_path
+
+    fn = ctypes.CDLL(str(bin_path("patched", "libggml-base.so"))).ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]
+    return fn
+
+
+def quantize_rows(rows: np.ndarray, qtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [n, k] (float32) as ``qtype`` (a gguf.GGMLQuantizationType): uint8 [n, row bytes],
+    into ``out`` when given (a C-contiguous block of that shape)."""
+    import gguf
+
+    a = np.ascontiguousarray(rows, np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n, k = a.shape
+    if k % block:
+        raise ValueError(f"rows of {k} values do not divide into {qtype.name}'s {block}-value blocks")
+    if out is None:
+        out = np.empty((n, k // block * size), np.uint8)
+    if out.shape != (n, k // block * size) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"quantize_rows: out must be uint8 [{n}, {k // block * size}], contiguous")
+    _ggml_quantize_chunk()(int(qtype), a.ctypes.data, out.ctypes.data, 0, n, k, None)
+    return out

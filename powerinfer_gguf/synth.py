@@ -32,9 +32,9 @@ import numpy as np
 
 from . import format as fmt
 from .forward import Hparams, attention_outputs, ffn_activation, rms_norm
-from .layout import GGUFOut, llama_layer_plan, sparse_plan, tensor_name, write_sparse_keys
+from .layout import (QUANT_OUTTYPES, GGUFOut, file_type, for_row_chunks, llama_layer_plan, sparse_plan,
+                     tensor_name, write_sparse_keys)
 from .outputs import check_outputs, staged
-from .quantize import llama_quantize
 
 # name: (n_embd, n_ff, n_layer, n_head, n_head_kv); LLaMA-family shapes, 32000-token SPM vocab.
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
@@ -48,7 +48,7 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "70b": (8192, 28672, 80, 64, 8),    # LLaMA-2-70B / ReluLLaMA-70B
 }
 
-OUTTYPES = ("f32", "f16", "q4_0", "q8_0")
+OUTTYPES = ("f32", "f16", *QUANT_OUTTYPES)
 BIAS_CHANNEL = 0
 ATTN_OUT_RMS = 0.5   # rms that attention adds to the residual per layer
 FFN_OUT_RMS = 0.5    # ... and the FFN
@@ -138,7 +138,11 @@ def hot_mass_of(counts: np.ndarray, hot_share: float) -> float:
 
 
 class NormalTable:
-    """Cheap N(0, 1) samples: a 256-level quantile table indexed by random bytes."""
+    """Cheap N(0, 1) samples: a 256-level quantile table indexed by random bytes, drawn a chunk per
+    thread, each chunk from its own generator seeded by one draw of ``rng`` and the chunk's place
+    (the same values whatever the number of cores)."""
+
+    CHUNK = 1 << 22
 
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
@@ -147,8 +151,16 @@ class NormalTable:
 
     def __call__(self, shape: tuple[int, ...], std: float = 1.0) -> np.ndarray:
         n = int(np.prod(shape))
-        idx = np.frombuffer(self.rng.bytes(n), dtype=np.uint8)
-        return (self.table * np.float32(std))[idx].reshape(shape)
+        seed = int(self.rng.integers(1 << 62))
+        table = self.table * np.float32(std)
+        out = np.empty(n, np.float32)
+
+        def chunk(s: int, e: int) -> None:
+            idx = np.frombuffer(np.random.default_rng([seed, s]).bytes(e - s), dtype=np.uint8)
+            out[s:e] = table[idx]  # 4x np.take(out=...), whose output is buffered
+
+        for_row_chunks(n, self.CHUNK, chunk)
+        return out.reshape(shape)
 
 
 def hparams_for(preset: str, act: str = "relu") -> Hparams:
@@ -234,8 +246,6 @@ def _check_job(out, preset: str, outtype: str, target: FiringTarget, seed: int, 
     hp = replace(hparams or hparams_for(preset, act), act=act)
     if hp.n_embd % hp.n_head or hp.n_head % hp.n_head_kv or hp.head_dim % 2:
         raise ValueError(f"inconsistent heads: n_embd {hp.n_embd}, n_head {hp.n_head}, n_head_kv {hp.n_head_kv}")
-    if pi_out is not None and outtype not in ("f32", "f16"):
-        raise ValueError(f"--pi writes f32 or f16 (quantize it with pi-quantize), not {outtype}")
     if outtype.startswith("q") and (hp.n_embd % 32 or hp.n_ff % 32):
         raise ValueError(f"{outtype} needs n_embd and n_ff divisible by 32 (got {hp.n_embd}, {hp.n_ff})")
     big = hp.n_embd >= 4096
@@ -253,7 +263,9 @@ def _write_synth_keys(w, job: _Job, ours: bool) -> None:
 
     K = fmt.Keys.Synth
     fmt.write_llama_kv(w, job.hp, f"powerinfer-synth-{job.preset}")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if job.outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type(job.outtype))
+    if job.outtype in QUANT_OUTTYPES:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_uint32(fmt.Keys.FORMAT_VERSION, fmt.FORMAT_VERSION)
     w.add_string(K.PRESET, job.name)
     w.add_uint32(K.SEED, job.seed)
@@ -272,12 +284,11 @@ class _Writers:
     """Where each generated tensor goes: the dense GGUF (and the HF checkpoint), our layout."""
 
     def __init__(self, job: _Job, dense: Path, pi: Path | None, hf: Path | None):
-        store = "f32" if job.outtype == "f32" else "f16"  # q4_0/q8_0: F16 first, then llama-quantize
-        self.dense = GGUFOut(dense, "llama", store)
+        self.dense = GGUFOut(dense, "llama", job.outtype)
         job.hp = replace(job.hp, n_vocab=_copy_vocab(self.dense.w, job.vocab_file))
         _write_synth_keys(self.dense.w, job, False)
         self.dense.begin(_tensor_plan(job.hp))
-        self.pi = GGUFOut(pi, "llama", store) if pi is not None else None
+        self.pi = GGUFOut(pi, "llama", job.outtype) if pi is not None else None
         if self.pi is not None:
             _copy_vocab(self.pi.w, job.vocab_file)
             _write_synth_keys(self.pi.w, job, True)
@@ -389,12 +400,12 @@ def _gate_layer(job: _Job, normal: NormalTable, rng: np.random.Generator, rates:
     return _LayerGate(gate, up, A, B, bias, p_j, up_pass)
 
 
-def _down_layer(job: _Job, normal: NormalTable, hs: list[np.ndarray]) -> np.ndarray:
+def _down_layer(job: _Job, normal: NormalTable, h_cal: np.ndarray) -> np.ndarray:
     """Random down projection, scaled so the FFN adds FFN_OUT_RMS on the calibration tokens."""
     d, f = job.hp.n_embd, job.hp.n_ff
     down = normal((d, f), 1.0)
     down[BIAS_CHANNEL] = 0.0
-    ffo = np.concatenate(hs)[: job.n_cal] @ down.T
+    ffo = h_cal @ down.T
     down *= FFN_OUT_RMS / max(float(np.sqrt(np.mean(ffo ** 2))), 1e-6)
     return down
 
@@ -414,9 +425,9 @@ def _pi_layer(job: _Job, wr: _Writers, il: int, g: _LayerGate, down: np.ndarray,
     pred = ((heldout @ fc1.T) @ fc2.T) > threshold
     both_on = (pred & fired).sum()
     b = f"blk.{il}."
-    wr.pi.put(b + "ffn_gate.weight", g.gate[order])
-    wr.pi.put(b + "ffn_up.weight", g.up[order])
-    wr.pi.put_sparse_ffn_down(il, down[:, order], fc1, fc2[order], threshold[order], freq[order])
+    wr.pi.put(b + "ffn_gate.weight", g.gate, order)
+    wr.pi.put(b + "ffn_up.weight", g.up, order)
+    wr.pi.put_sparse_ffn_down(il, down, fc1, fc2, threshold, freq, order)
     return float(both_on / max(1, fired.sum())), float(both_on / max(1, pred.sum()))
 
 
@@ -427,12 +438,11 @@ def _ffn_layer(job: _Job, normal: NormalTable, rng: np.random.Generator, rates: 
     xn = [rms_norm(x, ones, job.hp.rms_eps) for x in xs]
     cal = np.concatenate(xn[:job.n_cal_seq])
     g = _gate_layer(job, normal, rng, rates, cal)
-    # per sequence, as generated from the start: the bytes of every output depend on it
-    hs = [ffn_activation(x, g.gate, g.up, job.hp.act).hidden for x in xn]
-    down = _down_layer(job, normal, hs)
-    fired = np.concatenate(hs)[job.n_cal:] != 0
-    for x, h in zip(xs, hs):
-        x += h @ down.T
+    h = ffn_activation(np.concatenate(xn), g.gate, g.up, job.hp.act).hidden  # every token at once
+    down = _down_layer(job, normal, h[:job.n_cal])
+    fired = h[job.n_cal:] != 0
+    for x, o in zip(xs, np.split(h @ down.T, len(xs))):
+        x += o
     pi_q = _pi_layer(job, wr, il, g, down, cal, np.concatenate(xn[job.n_cal_seq:]), fired) \
         if wr.pi is not None else None
     b = f"blk.{il}."
@@ -509,17 +519,13 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
     minus its full-rank noise) with a threshold at -PRED_Z noise deviations, measured on held-out
     tokens like pi-convert's. Minutes instead of pi-convert's ~20 at 7B: device-sized runs.
     Outputs appear whole or not at all; an existing one is replaced only with ``force``."""
-    from .build import bin_path
-
     t0 = time.time()
     job = _check_job(out, preset, outtype, target, seed, act, gate_rank, calib_tokens, heldout_tokens,
                      vocab, hparams, hf_dir, pi_out)
     check_outputs([job.out, job.pi_out], [job.vocab_file], force=force, make_parents=True,
                   folders={job.hf_dir: _hf_names()} if job.hf_dir else None)
-    quantize_bin = bin_path("stock", "llama-quantize") if outtype.startswith("q") else None
     with staged() as st:
-        final = st.file(job.out)
-        dense = st.temp(job.out) if quantize_bin else final
+        dense = st.file(job.out)
         pi = st.file(job.pi_out) if job.pi_out else None
         wr = _Writers(job, dense, pi, st.folder(job.hf_dir) if job.hf_dir else None)
         try:
@@ -533,8 +539,6 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", *, outtype: str = "
         _patch_measured(dense, measured)
         if pi is not None:
             _patch_measured(pi, {**measured, K.PREDICTOR_RECALL: recall, K.PREDICTOR_PRECISION: precision})
-        if quantize_bin:
-            llama_quantize(quantize_bin, dense, final, outtype.upper())
         st.commit()
     return SynthResult(job.out, job.hp, profile, time.time() - t0, job.out.stat().st_size)
 

@@ -106,18 +106,38 @@ def test_llama_cpp_loads_and_runs_the_model(tiny_model):
     assert out["usage"]["completion_tokens"] >= 1
 
 
-def test_q4_0_output_via_llama_quantize(tmp_path):
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_quantized_pair_written_directly_as_pi_quantize_writes_it(tmp_path, qtype):
+    """A quantized pair streamed layer by layer (how 40B/70B shapes fit in memory) holds exactly the
+    keys and tensor types pi-quantize gives the F16 pair of the same seed, and the same values up to
+    one quantization step (F16 rounding before quantizing moves a few); our file runs sparse."""
     from dataclasses import replace
 
-    from powerinfer_gguf.info import model_info
+    import gguf
+
+    from conftest import TOKENS, eval_logits
+    from powerinfer_gguf.quantize import quantize
     from powerinfer_gguf.synth import hparams_for, synthesize
 
     hp = replace(hparams_for("tiny"), n_layer=2)
-    res = synthesize(tmp_path / "q.gguf", "tiny", outtype="q4_0", hparams=hp, progress=False)
-    info = model_info(res.path)
-    assert info["tensor_types"].get("Q4_0", 0) >= 2 * 7
-    assert info["powerinfer"]["powerinfer.synth.firing_mean"] > 0  # measured value survived
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]  # no temp files left
+    for outtype in (qtype, "f16"):
+        synthesize(tmp_path / f"s.{outtype}.gguf", "tiny", outtype=outtype, hparams=hp,
+                   pi_out=tmp_path / f"p.{outtype}.gguf", progress=False)
+    for side in "sp":
+        quantize(tmp_path / f"{side}.f16.gguf", tmp_path / f"{side}.via.gguf", qtype)
+        direct, via = (gguf.GGUFReader(tmp_path / f"{side}.{k}.gguf") for k in (qtype, "via"))
+        keys = [{k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for r in (direct, via)]
+        assert keys[0] == keys[1]
+        want = {t.name: t for t in via.tensors}
+        assert sorted(t.name for t in direct.tensors) == sorted(want)  # llama-quantize moves output.weight first
+        for t in direct.tensors:
+            w = want[t.name]
+            assert (t.tensor_type, list(t.shape)) == (w.tensor_type, list(w.shape)), t.name
+            x, y = (gguf.quants.dequantize(u.data, u.tensor_type) for u in (t, w))
+            assert np.abs(x - y).max() <= np.abs(y).max() / 7 + 1e-3, t.name
+    assert sorted(p.name for p in tmp_path.iterdir() if qtype in p.name) == [f"p.{qtype}.gguf", f"s.{qtype}.gguf"]
+    logits, llm = eval_logits(tmp_path / f"p.{qtype}.gguf", TOKENS[:8], one_by_one=True)
+    assert llm.sparse_mode == "sparse" and np.isfinite(logits).all()
 
 
 def test_bad_requests_leave_no_file(tmp_path):
