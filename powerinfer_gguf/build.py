@@ -45,15 +45,16 @@ PATCHES_DIR = REPO_ROOT / "patches"
 CSRC_DIR = REPO_ROOT / "csrc"
 SOURCES_COMMIT = "powerinfer_gguf sources (csrc/)"
 
-STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize"]
-PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "test-backend-ops",
-                   "test-pi-sparse-ffn"]
+STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize", "llama-server"]
+PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "llama-server",
+                   "test-backend-ops", "test-pi-sparse-ffn"]
 # What a GPU machine needs to build (no models/, docs/, tests data): ~6.4 MB packed with xz.
 PACK_LLAMA_DIRS = ["ggml", "src", "include", "common", "tools", "cmake", "vendor", "app", "licenses",
-                   "gguf-py", "tests", "CMakeLists.txt", "LICENSE", "build-info.cmake",
+                   "gguf-py", "tests", "CMakeLists.txt", "LICENSE", "build-info.cmake", "scripts/ui-assets.cmake",
                    "models/ggml-vocab-llama-spm.gguf", "models/ggml-vocab-llama-bpe.gguf"]
-# ... less what no Linux CUDA/CPU build reads (the web UI, other backends' sources).
-PACK_SKIP = ["tools/ui", "ggml/src/ggml-" + "cann", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
+# ... less what no Linux CUDA/CPU build reads (the web UI's sources: llama-server builds without
+# it, but its CMakeLists is read; other backends' sources).
+PACK_SKIP = ["tools/ui/src", "tools/ui/static", "tools/ui/tests", "ggml/src/ggml-" + "cann", "ggml/src/ggml-openvino", "ggml/src/ggml-webgpu",
              "ggml/src/ggml-et", "ggml/src/ggml-metal", "ggml/src/ggml-hexagon", "ggml/src/ggml-sycl",
              "ggml/src/ggml-vulkan", "ggml/src/ggml-opencl", "ggml/src/ggml-musa", "ggml/src/ggml-zdnn"]
 STAMP = ".pi-ok"
@@ -114,7 +115,8 @@ class BuildConfig:
             "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
             # test-backend-ops checks our ops on every backend: the patched side builds it.
             f"-DLLAMA_BUILD_TESTS={'ON' if shared else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+            # llama-server for pi-serve --parallel and its benchmark, without its web UI (npm, or a download)
+            "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
             f"-DGGML_NATIVE={'ON' if self.native and self.cpu_isa is None else 'OFF'}",
             # Binaries find the shared libs beside them wherever the folder is copied.
             "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
@@ -395,8 +397,10 @@ def build_dir(side: str, cfg: BuildConfig | None = None) -> Path:
 
 
 def _build_key(side: str) -> str:
-    """What a finished build's stamp must say: the patched side is keyed by patches/ too."""
-    return patches_hash() if side == "patched" else SDIST_VERSION
+    """What a finished build's stamp must say: the patched side is keyed by patches/ too, both by
+    the targets they build (a target added later builds into the cached tree, not beside it)."""
+    targets = ",".join(PATCHED_TARGETS if side == "patched" else STOCK_TARGETS)
+    return (patches_hash() if side == "patched" else SDIST_VERSION) + "+" + targets
 
 
 def _is_built(side: str, out: Path) -> bool:

@@ -104,9 +104,12 @@ def synth_cmd(output, preset, outtype, act, firing, hot_share, hot_mass, seed, l
 @click.option("--profile", is_flag=True,
               help="instead: decode -n tokens with ours through the Python API and show where a token's time "
                    "goes (CPU sparse FFN per layer, its GB/s and threads, the rest)")
+@click.option("--serve", "serve_streams", default=None, metavar="COUNTS",
+              help="instead: serve COUNTS streams at once (e.g. 1,4,8), ours (pi-serve --parallel's llama-server) "
+                   "against stock llama-server on the --stock twin: aggregate t/s, ms/token a stream, TTFT")
 @one_line_errors
 def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetitions, json_path, plot_path, force,
-              sweep, ttft, profile):
+              sweep, ttft, profile, serve_streams):
     """Prompt and decode tokens/s, ours against stock llama.cpp at one VRAM budget, side by side.
 
     MODEL is our file (pi-convert) with --stock its twin, or a plain GGUF for stock alone. On a
@@ -115,6 +118,8 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
     with the way faster at it."""
     if profile and (stock_model or sweep or plot_path or ttft):
         raise click.UsageError("--profile runs ours alone at one budget: no --stock, --sweep, --plot or --ttft")
+    if serve_streams and (profile or sweep or plot_path or ttft):
+        raise click.UsageError("--serve runs at one budget: no --profile, --sweep, --plot or --ttft")
     # libllama before numpy (bench imports it; --profile and the plan of ours at a budget load
     # libllama): in the GPU machine's Python (numpy 2.5) numpy first and then libggml's load
     # segfaults (seen 2026-12-01 with --profile, 2026-12-03 planning at a budget)
@@ -124,6 +129,9 @@ def bench_cmd(model, stock_model, vram_budget, threads, n_prompt, n_gen, repetit
 
     ttft_sizes = bench.parse_ttft(ttft)
     _check_bench_outputs(json_path, plot_path, [model, stock_model], force)
+    if serve_streams:
+        _bench_serve(model, stock_model, vram_budget, threads, serve_streams, n_prompt, n_gen, repetitions, json_path)
+        return
     if profile:
         prof = bench.profile_decode(model, vram_budget, threads, n_prompt, n_gen)
         click.echo(prof.render())
@@ -149,6 +157,20 @@ def _check_bench_outputs(json_path, plot_path, inputs, force: bool) -> None:
     from .outputs import check_outputs
 
     check_outputs([json_path, plot_path], [i for i in inputs if i], force=force)
+
+
+def _bench_serve(model, stock_model, vram_budget, threads, streams, n_prompt, n_gen, repetitions, json_path) -> None:
+    from .bench.serve import run_serve_bench
+
+    try:
+        counts = [int(k) for k in streams.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--serve {streams!r}: give stream counts such as 1,4,8") from None
+    res = run_serve_bench(model, stock_model, vram_budget, threads, counts, n_prompt, n_gen, repetitions,
+                          progress=lambda m: click.echo(m, err=True))
+    click.echo(res.render())
+    if json_path:
+        res.write_json(json_path)
 
 
 def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, ttft, json_path,
@@ -207,14 +229,17 @@ def convert_cmd(hf_dir, output, calib, calib_tokens, outtype, predictor_rank, pr
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--n-ctx", type=int, default=2048, show_default=True, help="context length (the KV reserve is sized for it)")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
+@click.option("--parallel", type=int, default=None, metavar="N",
+              help="N slots decoded together (the patched llama-server), each of --n-ctx tokens")
 @one_line_errors
-def serve_cmd(model, vram_budget, host, port, n_ctx, threads):
+def serve_cmd(model, vram_budget, host, port, n_ctx, threads, parallel):
     """Serve MODEL (ours or a plain GGUF) with the OpenAI API (llama-cpp-python's server app).
 
     Concurrent requests queue and each completes (llama-cpp-python's default would end a stream
-    as soon as another request waits). Logs the mode and the placement at start."""
+    as soon as another request waits). With --parallel N, the patched llama-server decodes N
+    requests together. Logs the mode and the placement at start."""
     from .serve import serve
-    serve(model, vram_budget, host, port, n_ctx, threads, log=lambda m: click.echo(m, err=True))
+    serve(model, vram_budget, host, port, n_ctx, threads, log=lambda m: click.echo(m, err=True), parallel=parallel)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,7 +5,11 @@ llama-cpp-python's server answers one request at a time; its default interrupt_r
 a stream as soon as another request waits (8 clients: 11 of 12 streams came back empty, issue 18),
 so pi-serve queues requests instead: each completes. Bad requests get OpenAI-style 400s naming the
 problem (the app answers most with 500s, invalid JSON with plain text). A plain GGUF serves as
-stock."""
+stock.
+
+``--parallel N`` serves through the patched tree's own llama-server instead: N slots decoded
+together (continuous batching), so N streams share each pass over the weights; the sparse op takes
+their tokens as one ubatch (the rows any of them selects)."""
 from __future__ import annotations
 
 import json
@@ -27,7 +31,7 @@ def model_settings(model: str, budget: int, n_ctx: int, threads: int | None) -> 
 
 
 def describe(llm, budget: int) -> str:
-    """One line: the mode the file runs in and where its weights are."""
+    """One line: the mode a loaded file runs in and where its weights are."""
     from .runtime import _lib, _placement_of
     code = int(_lib().llama_pi_model_sparse(llm.model))
     mode = {0: "stock (no sparse layout)", 1: "sparse FFN", 2: "dense FFN"}[code]
@@ -123,14 +127,18 @@ class RequestChecks:
         return await self.app(scope, replay, send)
 
 
-def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, threads: int | None, log) -> None:
-    """Checks everything cheap first, loads the model, logs what it runs, then serves until stopped."""
+def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, threads: int | None, log,
+          parallel: int | None = None) -> None:
+    """Checks everything cheap first, loads the model, logs what it runs, then serves until stopped;
+    ``parallel``: that many slots, through llama-server."""
     check_gguf(model)
     budget = budget_bytes(model, vram_budget)
     if not 1 <= port <= 65535:
         raise ValueError(f"--port {port}: must be within 1..65535")
     if n_ctx < 1:
         raise ValueError(f"--n-ctx {n_ctx}: must be at least 1")
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"--parallel {parallel}: must be at least 1")
     from . import Llama
     Llama  # noqa: B018  (libllama before numpy: see cli.bench_cmd)
     import uvicorn
@@ -140,7 +148,134 @@ def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, thread
     check_patched()
     if budget != 0 and auto_vram_budget() is None:
         raise ValueError(f"--vram-budget {vram_budget}: this machine has no GPU device (give 0 to serve from the CPU)")
+    if parallel is not None:
+        return serve_parallel(model, budget, host, port, n_ctx, threads, parallel, log)
     app = server_app.create_app(server_settings=ServerSettings(host=host, port=port, interrupt_requests=False),
                                 model_settings=[ModelSettings(**model_settings(model, budget, n_ctx, threads))])
     log(f"pi-serve: {model}: {describe(server_app._llama_proxy(), budget)}; http://{host}:{port}/v1")
     uvicorn.run(RequestChecks(app), host=host, port=port, log_level="warning")
+
+
+def server_command(model: str, budget: int, ours: bool, host: str, port: int, n_ctx: int, threads: int | None,
+                   parallel: int) -> list[str]:
+    """The patched llama-server for --parallel N: N slots of n_ctx tokens (its -c is their sum);
+    weights read into memory and every layer offered to the GPU as the one-slot server does (no
+    --fit: our planner places by the budget); for our file, the budget and the KV it reserves for
+    as our run-time keys."""
+    from .build import bin_path
+    from .format import Keys
+    cmd = [str(bin_path("patched", "llama-server")), "-m", model, "--host", host, "--port", str(port),
+           "-c", str(n_ctx * parallel), "-np", str(parallel), "-lm", "none", "-fit", "off", "--no-webui",
+           "-ngl", "0" if budget == 0 else "999"]
+    if threads:
+        cmd += ["-t", str(threads), "-tb", str(threads)]
+    if ours and budget != 0:
+        cmd += ["--override-kv", f"{Keys.Runtime.VRAM_BUDGET}=int:{budget},{Keys.Runtime.VRAM_CTX}=int:{n_ctx * parallel}"]
+    return cmd
+
+
+def proxy_app(upstream: str):
+    """An ASGI app handing every request to ``upstream`` (llama-server) and streaming its answer
+    back as it comes; a client that leaves closes its upstream request, and llama-server then
+    frees that slot. Put behind RequestChecks, llama-server's slots get the one-slot server's
+    request checks (it answers invalid JSON with a 500 and takes unknown roles and max_tokens -1)."""
+    import anyio
+    import httpx
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+
+    client = httpx.AsyncClient(base_url=upstream, timeout=None)
+    hop = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        req = Request(scope, receive)
+        up = client.build_request(req.method, scope["path"], params=req.query_params, content=await req.body(),
+                                  headers=[(k, v) for k, v in req.headers.items() if k not in hop])
+        r = await client.send(up, stream=True)
+
+        async def body():
+            try:
+                async for chunk in r.aiter_raw():
+                    yield chunk
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await r.aclose()
+
+        headers = {k: v for k, v in r.headers.items() if k not in hop}
+        await StreamingResponse(body(), status_code=r.status_code, headers=headers)(scope, receive, send)
+
+    return app
+
+
+class ServerProcess:
+    """llama-server as a child: its output drained on a thread, the loader's placement lines
+    logged; ``wait_ready`` returns once the model is loaded and it listens; ``on_exit`` is called
+    if it stops after that."""
+
+    def __init__(self, cmd: list[str], log, on_exit=None):
+        import subprocess
+        import threading
+
+        self.log, self.last, self.on_exit = log, "", on_exit
+        self.ready, self.ended = threading.Event(), threading.Event()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.last = line.strip() or self.last
+            if "powerinfer:" in line:
+                self.log(line.split("powerinfer:", 1)[1].strip())
+            elif "listening on" in line:
+                self.ready.set()
+        self.proc.wait()
+        self.ended.set()
+        if self.ready.is_set() and self.on_exit is not None:
+            self.on_exit()
+
+    def wait_ready(self) -> None:
+        while not self.ready.wait(0.2):
+            if self.ended.is_set():
+                raise RuntimeError(f"llama-server did not start (exit {self.proc.returncode}): {self.last}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+
+def _stop_front() -> None:
+    """llama-server stopped while serving: so does pi-serve (uvicorn exits on SIGTERM)."""
+    import os
+    import signal
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve_parallel(model: str, budget: int, host: str, port: int, n_ctx: int, threads: int | None,
+                   parallel: int, log) -> None:
+    """llama-server with N slots behind the same request checks as the one-slot server: it listens
+    on a private port, pi-serve on the user's. The placement logged is the loader's own (planning
+    it here would hold a GPU context beside the server)."""
+    import socket
+
+    import gguf
+    import uvicorn
+
+    from .format import Keys
+    ours = Keys.SPARSE in gguf.GGUFReader(model).fields
+    mode = ("sparse FFN" if ours else "stock (no sparse layout)") + (", CPU only" if budget == 0 else "")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        private = sock.getsockname()[1]
+    server = ServerProcess(server_command(model, budget, ours, "127.0.0.1", private, n_ctx, threads, parallel), log,
+                           on_exit=_stop_front)
+    try:
+        server.wait_ready()
+        log(f"pi-serve: {model}: {mode}; {parallel} slots of {n_ctx} tokens (llama-server); http://{host}:{port}/v1")
+        uvicorn.run(RequestChecks(proxy_app(f"http://127.0.0.1:{private}")), host=host, port=port, log_level="warning")
+    finally:
+        server.stop()
+    if server.ended.is_set() and server.proc.returncode not in (0, -15):
+        raise RuntimeError(f"llama-server stopped (exit {server.proc.returncode}): {server.last}")

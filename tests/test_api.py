@@ -97,16 +97,21 @@ def _stream(client, model, prompt, close_after=None):
     return text, finish
 
 
-def test_pi_serve_eight_concurrent_clients(tiny_pi, tmp_path):
-    """pi-serve with its defaults, 8 clients at once through the official openai package: 4 not
-    streamed, 4 streamed of which 2 close their stream after 2 chunks. Every answer not abandoned
-    is complete (greedy, so each streamed text equals the one-shot text of the same prompt, with a
-    finish reason), and the server still answers afterwards. It logs what it runs at start."""
+SERVERS = [pytest.param([], id="one-slot"), pytest.param(["--parallel", "4"], id="parallel-4")]
+
+
+@pytest.mark.parametrize("server_args", SERVERS)
+def test_pi_serve_eight_concurrent_clients(tiny_pi, tmp_path, server_args):
+    """pi-serve with its defaults (and with 4 slots decoded together), 8 clients at once through
+    the official openai package: 4 not streamed, 4 streamed of which 2 close their stream after 2
+    chunks. Every answer not abandoned is complete (greedy, so each streamed text equals the
+    one-shot text of the same prompt, with a finish reason), and the server still answers
+    afterwards. It logs what it runs at start."""
     import openai
 
     _, ours, _ = tiny_pi
     prompts = ["The history of", "Once upon a time", "In the beginning", "The quick brown fox"]
-    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "512") as (base, proc):
+    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "512", *server_args) as (base, proc):
         assert "sparse FFN, CPU only" in open(tmp_path / "server.log").read()
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
         model = client.models.list().data[0].id
@@ -129,6 +134,7 @@ def test_pi_serve_eight_concurrent_clients(tiny_pi, tmp_path):
     (["--vram-budget", "1GiB"], "no GPU device"),
     (["--vram-budget", "lots"], "bad size"),
     (["--port", "70000"], "--port 70000"),
+    (["--parallel", "0"], "--parallel 0"),
 ])
 def test_pi_serve_bad_options_are_one_line(tiny_pi, args, fragment):
     from conftest import assert_one_line_error, run_cli
@@ -158,16 +164,20 @@ def test_pi_serve_names_bad_requests(path, body, fragment):
     assert problem is not None and fragment in problem and "/" not in problem.replace("JSON", ""), problem
 
 
-def test_pi_serve_answers_bad_requests_with_400(tiny_pi, tmp_path):
-    """Through pi-serve: each bad request gets an OpenAI-style 400 naming the problem; the same
-    keep-alive connection then serves a good request; null max_tokens stays allowed."""
+@pytest.mark.parametrize("server_args", SERVERS)
+def test_pi_serve_answers_bad_requests_with_400(tiny_pi, tmp_path, server_args):
+    """Through pi-serve (either server): each bad request gets an OpenAI-style 400 naming the
+    problem; the same keep-alive connection then serves a good request; null max_tokens stays
+    allowed."""
     import httpx
     _, ours, _ = tiny_pi
-    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "256") as (base, proc):
+    with pi_serve(ours, tmp_path / "server.log", "--n-ctx", "256", *server_args) as (base, proc):
         with httpx.Client(base_url=base + "/v1", timeout=60) as c:
             for body in (b"{bad json", b'{"messages": [{"role": "wizard", "content": "hi"}]}',
-                         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}'):
-                r = c.post("/chat/completions", content=body, headers={"Content-Type": "application/json"})
+                         b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+                         b'{"prompt": "hi", "max_tokens": -1}'):
+                route = "/completions" if b"prompt" in body else "/chat/completions"
+                r = c.post(route, content=body, headers={"Content-Type": "application/json"})
                 assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
             r = c.post("/completions", json={"prompt": "The history of", "max_tokens": 3})
             assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

@@ -285,3 +285,34 @@ def test_host_read_speed_is_the_planners():
     text = (build.CSRC_DIR / "src" / "llama-powerinfer-plan.cpp").read_text()
     per_us = float(re.search(r"PI_CPU_BYTES_PER_US\s*=\s*([0-9.e]+)", text).group(1))
     assert per_us == CPU_READ_GBPS * 1e3
+
+
+def test_pi_bench_serve_streams_ours_against_stock_llama_server(tiny_pi, tmp_path):
+    """--serve: ours (the patched llama-server, as pi-serve --parallel runs it) and stock
+    llama-server on the twin, each with 2 slots, at 1 and 2 streams: every stream ran to its end,
+    the table has both sides and the ratio per stream count, the JSON the rounds."""
+    _, ours, twin = tiny_pi
+    j = tmp_path / "serve.json"
+    r = _cli(str(ours), "--stock", str(twin), "--serve", "1,2", "-p", "8", "-n", "6", "-r", "1", "-t", "2",
+             "--json", str(j))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for k in (1, 2):
+        assert f"| {k} | ours (sparse FFN, CPU only) |" in r.stdout and f"| {k} | stock (-ngl 0/5) |" in r.stdout
+    d = json.loads(j.read_text())
+    assert d["streams"] == [1, 2] and set(d["sides"]) == {"ours", "stock"}
+    for side in d["sides"].values():
+        for k, rounds in side["rounds"].items():
+            assert len(rounds) == 1 and rounds[0]["tokens"] == 6 * int(k) and rounds[0]["tokens_per_s"] > 0
+    ratio = [line for line in r.stdout.splitlines() if line.startswith("| 2 | ours")][0].split("|")[-2]
+    assert ratio.strip().endswith("x")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--serve", "0,4"], "stream counts of at least 1"),
+    (["--serve", "a,b"], "give stream counts"),
+    (["--serve", "2", "-n", "1"], "at least 2 generated"),
+    (["--serve", "2", "--vram-budget", "1GiB"], "no GPU"),
+])
+def test_pi_bench_serve_bad_input_is_one_line(tiny_pi, args, msg):
+    _, ours, twin = tiny_pi
+    assert_one_line_error(_cli(str(ours), "--stock", str(twin), *args), msg)

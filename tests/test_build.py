@@ -156,4 +156,7 @@ def test_pack_for_gpu_machine_is_small(tmp_path):
     assert any(n.endswith("llama_cpp/llama.py") for n in names)
     models = {n.rsplit("/", 1)[-1] for n in names if "/vendor/llama.cpp/models/" in n}
     assert models == {"ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"}  # vocabularies only
-    assert not any("/tools/ui/" in n or "/.git/" in n for n in names)
+    assert not any("/tools/ui/src/" in n or "/.git/" in n for n in names)  # the web UI's sources stay out ...
+    # ... but what llama-server's configure reads comes (it builds without an embedded UI)
+    assert any(n.endswith("vendor/llama.cpp/tools/ui/CMakeLists.txt") for n in names)
+    assert any(n.endswith("vendor/llama.cpp/scripts/ui-assets.cmake") for n in names)

@@ -11,7 +11,13 @@
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
 #                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048
 #   [PRESET=13b] [BUDGET=50%] tools/gpu-split.sh q4
-#                              the pair to Q4_0 (pi-quantize), pi-bench at BUDGET: tg128, pp64, pp512
+#                              the pair to Q4_0 (pi-quantize; kept if synthq wrote it), pi-bench at
+#                              BUDGET: tg128, pp64, pp512
+#   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh serve
+#                              pi-bench --serve 1,4,8: streams served at once, ours (pi-serve
+#                              --parallel's llama-server) against stock llama-server, same budget
+#   PRESET=70b tools/gpu-split.sh synthq
+#                              a Q4_0 pair written directly, layer by layer (40b/70b: no F16 file fits)
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
@@ -38,18 +44,32 @@ else
     [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 60 ] || M=/tmp/pi
 fi
 mkdir -p $M
-start_synth() {  # presets, one after the other, in the foreground; earlier pairs are removed
-    echo $M > /tmp/pi-models-dir  # (the memory holds one 13B pair, not two)
+start_synth() {  # a preset's pair at an outtype (f16: $P.{stock,pi}.gguf, q4_0: $P.q4.*), in the
+    # foreground; earlier pairs are removed (the memory holds one 13B F16 or 70B Q4_0 pair, not two)
+    local p=$1 t=$2 tag=$1
+    [ "$t" = f16 ] || tag=$1.q4
+    echo $M > /tmp/pi-models-dir
     rm -f $M/*.gguf
-    for p in "$@"; do
-        OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/$p.stock.gguf --preset $p --outtype f16 \
-            --pi $M/$p.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/$p.synth.log 2>&1
-        echo $? > $M/$p.synth.rc
-        el "synthesis of $p: rc $(cat $M/$p.synth.rc)"
-    done
+    OMP_NUM_THREADS=16 python3 -m powerinfer_gguf synth $M/$tag.stock.gguf --preset $p --outtype $t \
+        --pi $M/$tag.pi.gguf --calib-tokens 128 --heldout-tokens 64 > $M/$tag.synth.log 2>&1
+    echo $? > $M/$tag.synth.rc
+    el "synthesis of $tag: rc $(cat $M/$tag.synth.rc)"; tail -1 $M/$tag.synth.log
 }
 
 case "${1:-}" in
+build)
+    # both sides alone (a fresh machine's first call when the checks of prep can wait)
+    python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
+    el "builds done (rc $?)"; tail -2 "$OUT/build.log"
+    ;;
+optests)
+    # the ops on CUDA against their definitions and the CPU (quantized rows included)
+    $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -2 | tee "$OUT/pi-sparse-ffn.txt"
+    for op in PI_GATHER_ROWS PI_SPARSE_FFN; do
+        $(pi_patched_bin)/test-backend-ops -o $op -b CUDA0 2>&1 | grep -E "FAIL|passed" | tail -3
+    done | tee "$OUT/backend-ops.txt"
+    el "op tests done"
+    ;;
 prep)
     # builds alone first (all cores; next to a synthesis they ran past a call's 10 minutes), the
     # small-model checks, then the models in their own session (7B, then 13B: ~3 + ~6 min)
@@ -72,7 +92,12 @@ prep)
     $(pi_patched_bin)/test-pi-sparse-ffn --perf | tee "$OUT/gather-perf.txt"
     ;;
 synth)
-    start_synth $P
+    start_synth $P f16
+    ;;
+synthq)
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    start_synth $P q4_0
+    ls -la $M
     ;;
 q4)
     # issue 16 on the GPU: the pair to Q4_0 with pi-quantize (ours keeps its predictors, Q8_0),
@@ -80,7 +105,8 @@ q4)
     # decode tg128 and prompts of 64 and 512 tokens, stock's faster way against ours
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     for side in pi stock; do
-        python3 -m powerinfer_gguf quantize $M/$P.$side.gguf $M/$P.q4.$side.gguf --int4 -t 16 --force 2>&1 | tail -1
+        [ -f $M/$P.q4.$side.gguf ] && continue
+        python3 -m powerinfer_gguf quantize $M/$P.$side.gguf $M/$P.q4.$side.gguf --int4 -t 16 2>&1 | tail -1
     done
     el "quantized"
     for p in 64 512; do
@@ -88,6 +114,12 @@ q4)
             -t 16 -p $p -n 128 -r 2 --ttft none --json "$OUT/$P-q4-p$p.json" 2>&1 | grep -v "^\[" | tee "$OUT/$P-q4-p$p.txt"
         el "Q4_0 at ${BUDGET:-50%}, p$p done"
     done
+    ;;
+serve)
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-10GiB} -t 16 \
+        --serve 1,4,8 -p 64 -n 32 -r 1 --json "$OUT/$P-serve.json" 2>&1 | grep -v "^\[" | tee "$OUT/$P-serve.txt"
+    el "serve bench done"
     ;;
 kernel)
     # all computed neurons firing, and 66% of them (PI_BENCH_FIRE: a real decode's precision,
