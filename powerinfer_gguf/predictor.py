@@ -196,12 +196,21 @@ def load_powerinfer_predictor(folder, layer: int, n_embd: int, n_ff: int, thresh
 def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, progress: bool = False) -> list[Quality]:
     """Recall and precision of the predictors stored in one of our GGUFs, per layer, on ``text``
     (e.g. text that calibration never saw), against the model's true firing (numpy forward)."""
+    out: list[Quality] = []
+    profile_file(path, text, lambda obs, p: out.append(quality(p.predict(obs.ffn_in), obs.active)),
+                 n_tokens, seq_len, progress)
+    return out
+
+
+def profile_file(path, text: str, visit, n_tokens: int = 4096, seq_len: int = 128, progress: bool = False) -> None:
+    """``text`` through one of our GGUFs (numpy forward, a layer at a time): ``visit(obs, predictor)``
+    per layer with its profile.LayerObservation and the layer's stored Predictor."""
     import gguf
     import llama_cpp
 
     from . import format as fmt
-    from .model_file import ModelSizes
     from .forward import Hparams
+    from .model_file import ModelSizes
     from .profile import calibration_sequences, profile
 
     r = gguf.GGUFReader(path)
@@ -222,19 +231,15 @@ def evaluate_file(path, text: str, n_tokens: int = 4096, seq_len: int = 128, pro
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    bos = llm.token_bos()
     seqs = calibration_sequences(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False),
-                                 text, n_tokens, seq_len, bos)
-    out: list[Quality] = []
+                                 text, n_tokens, seq_len, llm.token_bos())
 
-    def visit(obs) -> None:
+    def observe(obs) -> None:
         il = obs.layer
-        p = Predictor(get(fmt.Tensors.PRED_FC1.format(il)), get(fmt.Tensors.PRED_FC2.format(il)),
-                      get(fmt.Tensors.PRED_THRESHOLD.format(il)), pact)
-        out.append(quality(p.predict(obs.ffn_in), obs.active))
+        visit(obs, Predictor(get(fmt.Tensors.PRED_FC1.format(il)), get(fmt.Tensors.PRED_FC2.format(il)),
+                             get(fmt.Tensors.PRED_THRESHOLD.format(il)), pact))
 
-    profile(get, hp, seqs, visit, progress)
-    return out
+    profile(get, hp, seqs, observe, progress)
 
 
 def train_mlp(x: np.ndarray, active: np.ndarray, init: Predictor, sigma: np.ndarray, *,

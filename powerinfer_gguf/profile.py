@@ -52,6 +52,7 @@ class LayerObservation:
     active: np.ndarray     # [T, n_ff] bool: neuron contributes (ReLU kinds)
     seq_id: np.ndarray     # [T] which sequence each token came from
     w_gate: np.ndarray     # [n_ff, n_embd] the layer's gate weight (already read: predictors fit it)
+    resid: np.ndarray      # [T, n_embd] the residual stream ffn_norm takes (PowerInfer's predictors read it)
 
 
 def profile(get: Callable[[str], np.ndarray], hp: Hparams, seqs: Iterable[np.ndarray],
@@ -69,6 +70,6 @@ def profile(get: Callable[[str], np.ndarray], hp: Hparams, seqs: Iterable[np.nda
     seq_id = np.concatenate([np.full(len(s), i) for i, s in enumerate(seqs)])
     for il in tqdm(range(hp.n_layer), desc="profile", unit="layer", disable=not progress):
         def observe(xn: np.ndarray, ffn: FFNActivation, w_gate: np.ndarray, il=il) -> None:
-            visit(LayerObservation(il, xn, ffn.gate, ffn.active(hp.act), seq_id, w_gate))
+            visit(LayerObservation(il, xn, ffn.gate, ffn.active(hp.act), seq_id, w_gate, np.concatenate(xs)))
 
         layer_step(get, il, hp, xs, observe)
