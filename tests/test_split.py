@@ -84,13 +84,6 @@ def test_synth_pi_layout_matches_its_twin(tmp_path):
     assert llm.sparse_stats()[0].computed_share < 0.3
 
 
-def test_synth_pi_refuses_quantized(tmp_path):
-    from powerinfer_gguf.synth import synthesize
-    with pytest.raises(ValueError, match="pi-quantize"):
-        synthesize(tmp_path / "q.gguf", "tiny", outtype="q4_0", pi_out=tmp_path / "q.pi.gguf", progress=False)
-    assert not list(tmp_path.iterdir())
-
-
 def test_llama_bench_takes_kv_overrides(tiny_pi):
     from powerinfer_gguf.build import bin_path
     _, ours, _ = tiny_pi
