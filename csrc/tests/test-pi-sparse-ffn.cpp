@@ -11,7 +11,9 @@
 //   test-pi-sparse-ffn --perf   on each GPU: the gather reading a 13B-shape weight from the device's
 //                               host buffer, kept shares 1 to 0.25, against copying the whole weight
 //                               over (what the scheduler does without the gather): the crossover
-//                               between the two is the share below which gathering wins
+//                               between the two is the share below which gathering wins; then
+//                               the dense GPU way's steps on one chunk of a 13B layer (4096 rows,
+//                               a 512-token ubatch, all in GPU memory): where its time goes
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -325,6 +327,41 @@ void pi_perf_gather(ggml_backend_t be) {
     ggml_free(ctx_w);
 }
 
+// Time of one graph node on `be` (its inputs already there), best of 5 after a warm-up
+static double pi_node_seconds(ggml_backend_t be, ggml_context * ctx, ggml_tensor * node) {
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, node);
+    return pi_best_seconds(be, 5, [&] { ggml_backend_graph_compute(be, gf); });
+}
+
+// The dense GPU way on one chunk (llama-powerinfer-graph.cpp, pi_build_dense_part): gate and up
+// GEMMs, the row-per-neuron down transposed into a contiguous copy, the down GEMM; against the
+// same down GEMM on a down stored as stock stores it (no transpose)
+void pi_perf_dense_chunk(ggml_backend_t be) {
+    const int64_t n_embd = 5120, n_rows = 4096, n_tok = 512;
+    ggml_init_params ip = { ggml_tensor_overhead() * 32 + ggml_graph_overhead() * 8, nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * gate = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_embd, n_rows);
+    ggml_tensor * down_t = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_embd, n_rows);
+    ggml_tensor * down = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_rows, n_embd); // stock's layout
+    ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
+    ggml_tensor * h = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_rows, n_tok);
+    ggml_tensor * up_gemm = ggml_mul_mat(ctx, gate, x);
+    ggml_tensor * transposed = ggml_cont(ctx, ggml_transpose(ctx, down_t));
+    ggml_tensor * down_gemm = ggml_mul_mat(ctx, down, h);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, be);
+    ggml_backend_buffer_clear(buf, 0);
+    const double t_gemm = pi_node_seconds(be, ctx, up_gemm);
+    const double t_tr = pi_node_seconds(be, ctx, transposed);
+    const double t_down = pi_node_seconds(be, ctx, down_gemm);
+    printf("%s: dense GPU way, one chunk (%lld rows, %lld tokens): gate or up GEMM %.3f ms, down_t transposed "
+           "copy %.3f ms, down GEMM %.3f ms (the copy is %.0f%% of the chunk's GEMMs)\n", ggml_backend_name(be),
+           (long long) n_rows, (long long) n_tok, t_gemm * 1e3, t_tr * 1e3, t_down * 1e3,
+           100 * t_tr / (2 * t_gemm + t_down));
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+}
+
 int main(int argc, char ** argv) {
     const bool verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
     if (argc > 1 && strcmp(argv[1], "--perf") == 0) {
@@ -334,6 +371,7 @@ int main(int argc, char ** argv) {
             if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
                 ggml_backend_t be = ggml_backend_dev_init(dev, nullptr);
                 pi_perf_gather(be);
+                pi_perf_dense_chunk(be);
                 ggml_backend_free(be);
             }
         }
