@@ -7,9 +7,9 @@
 #                                after `tools/gpu-split.sh synth`: our file in PowerInfer's format
 #                                (tools/powerinfer_peer.py: predictors mapped, agreement printed), its
 #                                GPU index from its own solver where cvxopt is there, else the same
-#                                objective by our tool at the capacity it logs; then decode (128 tokens
-#                                after prompts of 1 and 64) and pp512 from its main's timings, beside
-#                                pi-bench (stock's faster way and ours) at BUDGET GiB
+#                                objective by our tool at the capacity it logs; then tools/peer_bench.py:
+#                                stock's faster way, PowerInfer and ours at BUDGET GiB, decode 128 tokens
+#                                after prompts of 1 and 64, pp512
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PI_CUDA_FA=0
@@ -48,7 +48,6 @@ EOF
     run_main 1 8 > /tmp/peer-first.log
     if ! [ -f $W.generated.gpuidx ]; then  # its solver did not run here: the same objective by ours
         MIB=$(grep -o "gpu split for [0-9.]* MiB" /tmp/peer-first.log | grep -o "[0-9.]*" | head -1)
-        NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
         D=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][0])")
         # its capacity rule (llm_load_gpu_split_with_budget): neurons = floor(bytes / (row bytes * 4.5)) * 4
         CAP=$(python3 -c "print(int(${MIB:-0} * 2**20 // ($D * 2 * 4.5)) * 4)")
@@ -56,14 +55,10 @@ EOF
             --vram-capacity $(python3 -c "print(int(${MIB:-0} * 2**20))") | tee -a "$OUT/$P-peer-agreement.txt"
         grep -i "error\|solver\|split" /tmp/peer-first.log | head -5 | tee -a "$OUT/$P-peer-agreement.txt"
     fi
-    for pn in "1 128" "64 128" "512 1"; do
-        set -- $pn
-        run_main $1 $2 | grep -E "offloaded|gpu split|eval time|sample time|load time" | tee -a "$OUT/$P-peer-p$1.txt"
-    done
-    el "PowerInfer runs done"
-    python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${B}GiB -t 16 -p 512 -n 128 \
-        -r 2 --ttft none --json "$OUT/$P-peer-ours-stock.json" 2>&1 | grep -v "^\[" | tee "$OUT/$P-peer-ours-stock.txt"
-    el "pi-bench done"
+    # the three engines, interleaved, each by its own counters (tools/peer_bench.py)
+    python3 tools/peer_bench.py $M/$P.pi.gguf $M/$P.stock.gguf $W --powerinfer $PI/build/bin/main --budget-gib $B \
+        -t 16 -n 128 -r 2 --json "$OUT/$P-peer.json" 2>&1 | tee "$OUT/$P-peer.txt" | grep -v "^round"
+    el "three engines done"
     ;;
 *)
     echo "usage: $0 build|run" >&2
