@@ -160,6 +160,7 @@ def _check_bench_outputs(json_path, plot_path, inputs, force: bool) -> None:
 
 
 def _bench_serve(model, stock_model, vram_budget, threads, streams, n_prompt, n_gen, repetitions, json_path) -> None:
+    from .bench import write_json
     from .bench.serve import run_serve_bench
 
     try:
@@ -170,7 +171,7 @@ def _bench_serve(model, stock_model, vram_budget, threads, streams, n_prompt, n_
                           progress=lambda m: click.echo(m, err=True))
     click.echo(res.render())
     if json_path:
-        res.write_json(json_path)
+        write_json(res, json_path)
 
 
 def _bench_sweep(model, stock_model, sweep, threads, n_prompt, n_gen, repetitions, ttft, json_path,

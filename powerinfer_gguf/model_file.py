@@ -185,6 +185,11 @@ def _tensor_roles(n_layer: int) -> dict[str, str]:
     return roles
 
 
+def is_sparse_file(path: str | os.PathLike) -> bool:
+    """Our sparse layout (powerinfer.sparse true): the header alone is read."""
+    return _Header(_open_reader(str(path)), str(path)).field(Keys.SPARSE) is True
+
+
 class _Header:
     """The llama.cpp keys of a GGUF's architecture, with clear errors for missing ones."""
 

@@ -156,22 +156,32 @@ def serve(model: str, vram_budget: str, host: str, port: int, n_ctx: int, thread
     uvicorn.run(RequestChecks(app), host=host, port=port, log_level="warning")
 
 
-def server_command(model: str, budget: int, ours: bool, host: str, port: int, n_ctx: int, threads: int | None,
-                   parallel: int) -> list[str]:
-    """The patched llama-server for --parallel N: N slots of n_ctx tokens (its -c is their sum);
-    weights read into memory and every layer offered to the GPU as the one-slot server does (no
-    --fit: our planner places by the budget); for our file, the budget and the KV it reserves for
-    as our run-time keys."""
-    from .build import bin_path
+def server_command(binary: str, model: str, port: int, n_ctx: int, threads: int | None, parallel: int,
+                   placement: list[str], host: str = "127.0.0.1") -> list[str]:
+    """A llama-server of N slots of n_ctx tokens (its -c is their sum), no web UI and no --fit
+    (where weights go is ``placement``'s: our planner's budget, or stock's -ngl / -ot)."""
+    cmd = [binary, "-m", model, "--host", host, "--port", str(port), "-c", str(n_ctx * parallel),
+           "-np", str(parallel), "-fit", "off", "--no-webui", *placement]
+    return cmd + (["-t", str(threads), "-tb", str(threads)] if threads else [])
+
+
+def ours_placement(budget: int, ours: bool, n_kv: int) -> list[str]:
+    """What the one-slot server does, as llama-server options: weights read into memory, every
+    layer offered to the GPU under a budget; for our file, the budget and the KV cells it reserves
+    for as our run-time keys."""
     from .format import Keys
-    cmd = [str(bin_path("patched", "llama-server")), "-m", model, "--host", host, "--port", str(port),
-           "-c", str(n_ctx * parallel), "-np", str(parallel), "-lm", "none", "-fit", "off", "--no-webui",
-           "-ngl", "0" if budget == 0 else "999"]
-    if threads:
-        cmd += ["-t", str(threads), "-tb", str(threads)]
+    args = ["-lm", "none", "-ngl", "0" if budget == 0 else "999"]
     if ours and budget != 0:
-        cmd += ["--override-kv", f"{Keys.Runtime.VRAM_BUDGET}=int:{budget},{Keys.Runtime.VRAM_CTX}=int:{n_ctx * parallel}"]
-    return cmd
+        args += ["--override-kv", f"{Keys.Runtime.VRAM_BUDGET}=int:{budget},{Keys.Runtime.VRAM_CTX}=int:{n_kv}"]
+    return args
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def proxy_app(upstream: str):
@@ -258,19 +268,16 @@ def serve_parallel(model: str, budget: int, host: str, port: int, n_ctx: int, th
     """llama-server with N slots behind the same request checks as the one-slot server: it listens
     on a private port, pi-serve on the user's. The placement logged is the loader's own (planning
     it here would hold a GPU context beside the server)."""
-    import socket
-
-    import gguf
     import uvicorn
 
-    from .format import Keys
-    ours = Keys.SPARSE in gguf.GGUFReader(model).fields
+    from .build import bin_path
+    from .model_file import is_sparse_file
+    ours = is_sparse_file(model)
     mode = ("sparse FFN" if ours else "stock (no sparse layout)") + (", CPU only" if budget == 0 else "")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        private = sock.getsockname()[1]
-    server = ServerProcess(server_command(model, budget, ours, "127.0.0.1", private, n_ctx, threads, parallel), log,
-                           on_exit=_stop_front)
+    private = free_port()
+    cmd = server_command(str(bin_path("patched", "llama-server")), model, private, n_ctx, threads, parallel,
+                         ours_placement(budget, ours, n_ctx * parallel))
+    server = ServerProcess(cmd, log, on_exit=_stop_front)
     try:
         server.wait_ready()
         log(f"pi-serve: {model}: {mode}; {parallel} slots of {n_ctx} tokens (llama-server); http://{host}:{port}/v1")

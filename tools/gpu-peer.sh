@@ -42,7 +42,7 @@ for t in r.tensors:
         torch.save(torch.tensor(np.asarray(t.data, np.float32) * 1e6), f"{sys.argv[2]}/activation_{t.name.split('.')[1]}.pt")
 EOF
     run_main() {  # PowerInfer's main: prompt of $1 tokens (a repeated word), $2 generated
-        PYTHONPATH=$PI/powerinfer-py:$PYTHONPATH $PI/build/bin/main -m $W -t 16 --vram-budget $B -n $2 \
+        PYTHONPATH=$PI/powerinfer-py:$PYTHONPATH $PI/build/bin/main -m $W -t 16 --vram-budget $B -n $2 --log-disable \
             -p "$(python3 -c "print(' '.join(['the'] * max(1, $1 - 1)))")" --ignore-eos --temp 0 2>&1
     }
     run_main 1 8 > /tmp/peer-first.log

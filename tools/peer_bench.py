@@ -52,7 +52,8 @@ def engines(ours: str, twin: str, peer: str, powerinfer: str, budget: int, threa
     ours_args = ["-ngl", "999", "-fit", "off", "--override-kv",
                  f"{Keys.Runtime.VRAM_BUDGET}=int:{budget},{Keys.Runtime.VRAM_CTX}=int:{n_ctx}"] if budget else []
     out["ours"] = [str(bin_path("patched", "llama-completion")), "-m", ours, *llama, *ours_args]
-    out["powerinfer"] = [powerinfer, "-m", peer, *common] + (["--vram-budget", f"{budget / 2**30:.3f}"] if budget else [])
+    # --log-disable: its main would write main.log into the working folder
+    out["powerinfer"] = [powerinfer, "-m", peer, *common, "--log-disable"] + (["--vram-budget", f"{budget / 2**30:.3f}"] if budget else [])
     return out
 
 
@@ -80,6 +81,9 @@ def main() -> int:
         if not Path(f).is_file():
             print(f"error: {f}: no such file", file=sys.stderr)
             return 1
+    if a.json and Path(a.json).exists():
+        print(f"error: {a.json} exists (remove it first)", file=sys.stderr)
+        return 1
     budget = int(a.budget_gib * 2**30)
     cmds = engines(a.ours, a.twin, a.peer, a.powerinfer, budget, a.threads, 512 + a.n_gen + 16)
     res: dict[str, dict[str, list[float]]] = {e: {m: [] for m, _, _ in MEASURES} for e in cmds}

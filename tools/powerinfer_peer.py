@@ -173,21 +173,28 @@ def main() -> int:
     g.add_argument("--vram-capacity", type=int, default=0)
     a = ap.parse_args()
     out = Path(a.out)
-    if out.exists():
-        print(f"error: {out} exists (remove it first)", file=sys.stderr)
+    problem = (f"{a.ours}: no such file" if not Path(a.ours).is_file() else
+               f"{out} exists (remove it first)" if out.exists() else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 1
-    if a.cmd == "gpuidx":
-        counts = write_gpuidx(a.ours, out, a.neurons, a.vram_capacity)
-        print(f"wrote {out}: GPU neurons per layer {counts}")
-        return 0
-    maps, report = calibrate(a.ours, a.tokens)
-    print("layer  agree   recall ours  peer   selected ours  peer   rms sd/mean")
-    for il, agree, r_o, r_p, s_o, s_p, spread in report:
-        print(f"{il:5d}  {agree:.4f}  {r_o:11.4f}  {r_p:.4f}  {s_o:13.4f}  {s_p:.4f}  {spread:.4f}")
-    write_model(a.ours, out, maps)
+    from powerinfer_gguf.outputs import staged
+
+    with staged() as st:  # whole or not at all
+        tmp = st.file(out)
+        if a.cmd == "gpuidx":
+            counts = write_gpuidx(a.ours, tmp, a.neurons, a.vram_capacity)
+            st.commit()
+            print(f"wrote {out}: GPU neurons per layer {counts}")
+            return 0
+        maps, report = calibrate(a.ours, a.tokens)
+        print("layer  agree   recall ours  peer   selected ours  peer   rms sd/mean")
+        for il, agree, r_o, r_p, s_o, s_p, spread in report:
+            print(f"{il:5d}  {agree:.4f}  {r_o:11.4f}  {r_p:.4f}  {s_o:13.4f}  {s_p:.4f}  {spread:.4f}")
+        write_model(a.ours, tmp, maps)
+        st.commit()
     print(f"wrote {out} (PowerInfer format, sparse_threshold {PEER_THRESHOLD})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

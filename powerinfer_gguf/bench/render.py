@@ -198,7 +198,7 @@ def _write_json(obj, path: str | os.PathLike) -> None:
 
 
 def write_json(res, path: str | os.PathLike) -> None:
-    """One BenchResult or DecodeProfile as JSON."""
+    """One BenchResult, DecodeProfile or ServeResult (--serve) as JSON."""
     _write_json(res.to_json(), path)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -78,13 +77,14 @@ class ServeResult:
                             f"| {b.ttft_ms:.0f} | {ratio} |")
         return "\n".join(rows)
 
-    def write_json(self, path: str) -> None:
+    def to_json(self) -> dict:
+        """The record, each round with its aggregate rate (render.write_json writes it)."""
         d = asdict(self)
         for name, side in self.sides.items():
             for k, rounds in side.rounds.items():
                 for r, s in zip(d["sides"][name]["rounds"][k], rounds):
                     r["tokens_per_s"] = s.tokens_per_s
-        Path(path).write_text(json.dumps(d, indent=1) + "\n")
+        return d
 
 
 def prompt_tokens(n: int, seed: int, n_vocab: int) -> list[int]:
@@ -130,18 +130,12 @@ def run_streams(base: str, k: int, n_prompt: int, n_gen: int, seed: int, n_vocab
                        1e3 * float(np.mean([(r[2] - r[1]) / max(1, r[3] - 1) for r in runs])))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _measure_side(name: str, cmd_for_port, placement: str, streams: list[int], repetitions: int, n_prompt: int,
                   n_gen: int, n_vocab: int, progress) -> ServeSide:
     """One side's server started alone, warmed up, then every stream count, round after round."""
-    from ..serve import ServerProcess
+    from ..serve import ServerProcess, free_port
 
-    port = _free_port()
+    port = free_port()
     server = ServerProcess(cmd_for_port(port), log=lambda m: None)
     side = ServeSide(name, placement)
     try:
@@ -163,7 +157,7 @@ def run_serve_bench(model: str, stock_model: str | None, budget: str | int, thre
                     streams: list[int], n_prompt: int, n_gen: int, repetitions: int, progress=print) -> ServeResult:
     """Ours and stock's ways, one server at a time, at the same budget, every argument checked first."""
     from ..build import bin_path
-    from ..serve import server_command
+    from ..serve import ours_placement, server_command
     from .runner import ModelPair, check_counts, planned_placement, resolve_budget
     from .stock import stock_sides
 
@@ -178,19 +172,18 @@ def run_serve_bench(model: str, stock_model: str | None, budget: str | int, thre
     budget_bytes = resolve_budget(budget, pair.ref.weight_bytes)
     threads = threads or os.cpu_count() or 1
     slots, n_ctx = max(streams), n_prompt + n_gen + 8
-    common = ["--host", "127.0.0.1", "-c", str(n_ctx * slots), "-np", str(slots), "-fit", "off", "--no-webui",
-              "-t", str(threads), "-tb", str(threads)]
     n_vocab = pair.sizes.n_vocab
     # a budget the planner refuses (or no GPU) fails here, before any server starts
     where = planned_placement(pair.sizes, budget_bytes, n_ctx * slots).describe(pair.sizes.n_layer) \
         if budget_bytes else "CPU only"
     sides = {"ours": _measure_side(
-        "ours", lambda port: server_command(model, budget_bytes, True, "127.0.0.1", port, n_ctx, threads, slots),
+        "ours", lambda port: server_command(str(bin_path("patched", "llama-server")), model, port, n_ctx, threads, slots,
+                                            ours_placement(budget_bytes, True, n_ctx * slots)),
         f"sparse FFN, {where}", streams, repetitions, n_prompt, n_gen, n_vocab, progress)}
     if pair.stock_path is not None:
         stock_bin = str(bin_path("stock", "llama-server"))
         for name, s in stock_sides(pair.stock_sizes, pair.stock_path, stock_bin, budget_bytes, n_ctx * slots).items():
             sides[name] = _measure_side(
-                name, lambda port, a=s.args: [stock_bin, "-m", pair.stock_path, "--port", str(port), *common, *a],
+                name, lambda port, a=s.args: server_command(stock_bin, pair.stock_path, port, n_ctx, threads, slots, a),
                 s.strategy, streams, repetitions, n_prompt, n_gen, n_vocab, progress)
     return ServeResult(model, budget_bytes, threads, n_prompt, n_gen, sorted(streams), sides)
