@@ -3,13 +3,18 @@
 # budget. Calls back to back (the machine stays warm ~30 s; /dev/shm and the builds survive); each
 # step runs in the foreground with nothing else on the machine (a synthesis beside a measurement
 # would share the CPU's memory bandwidth with both sides' cold rows):
-#   tools/gpu-split.sh prep    builds both sides with CUDA; on a small model, sparse == dense with every
-#                              neuron active at budgets 0/40/100% and with split layers (55/85%),
-#                              decode, small ubatches and a 40-token prompt (the ways agreeing)
+#   tools/gpu-split.sh prep    builds both sides with CUDA (= build); on a small model, sparse == dense
+#                              with every neuron active at budgets 0/55/100% (= splitcheck), decode,
+#                              small ubatches and a 40-token prompt (the ways agreeing); then optests
+#   tools/gpu-split.sh optests the ops and the dense way's out_prod on CUDA against their
+#                              definitions and the CPU; the gather's and the dense chunk's times
+#   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh buffers
+#                              the planner's compute reserve against the buffers llama.cpp allocates
 #   PRESET=13b tools/gpu-split.sh synth
 #                              writes that pair (other presets' files removed first; 13B ~440 s)
-#   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh prompt
-#                              pi-bench at BUDGET and at 0: pp512 + tg32, then TTFT 512/2048
+#   [PRESET=13b] [BUDGET=10GiB] [BUDGETS="10GiB 0"] [TTFT=1] tools/gpu-split.sh prompt
+#                              pi-bench at each of BUDGETS (default BUDGET and 0): pp512 + tg32,
+#                              then (TTFT=1) time to first token of 512/2048 at BUDGET
 #   [PRESET=13b] [BUDGET=50%] tools/gpu-split.sh q4
 #                              the pair to Q4_0 (pi-quantize; kept if synthq wrote it), pi-bench at
 #                              BUDGET: tg128, pp64, pp512
@@ -56,27 +61,11 @@ start_synth() {  # a preset's pair at an outtype (f16: $P.{stock,pi}.gguf, q4_0:
     el "synthesis of $tag: rc $(cat $M/$tag.synth.rc)"; tail -1 $M/$tag.synth.log
 }
 
-case "${1:-}" in
-build)
-    # both sides alone (a fresh machine's first call when the checks of prep can wait)
+build_both() {  # both sides alone, all cores (next to a synthesis they ran past a call's 10 minutes)
     python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
     el "builds done (rc $?)"; tail -2 "$OUT/build.log"
-    ;;
-optests)
-    # the ops on CUDA against their definitions and the CPU (quantized rows included)
-    $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -2 | tee "$OUT/pi-sparse-ffn.txt"
-    for op in PI_GATHER_ROWS PI_SPARSE_FFN; do
-        $(pi_patched_bin)/test-backend-ops -o $op -b CUDA0 2>&1 | grep -E "FAIL|passed" | tail -3
-    done | tee "$OUT/backend-ops.txt"
-    el "op tests done"
-    ;;
-prep)
-    # builds alone first (all cores; next to a synthesis they ran past a call's 10 minutes), the
-    # small-model checks, then the models in their own session (7B, then 13B: ~3 + ~6 min)
-    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
-    echo "cores $(nproc), RAM $(free -g | awk '/Mem/{print $2}') GiB; models in $M; shm $(df -h --output=avail /dev/shm | tail -1)"
-    python3 -m powerinfer_gguf.build setup --no-python -j 16 --sides-at-once > "$OUT/build.log" 2>&1
-    el "builds done (rc $?)"; tail -3 "$OUT/build.log"
+}
+split_check() {  # a small model: sparse == dense at budgets 0/55/100%, the ways agreeing
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     python3 -m powerinfer_gguf synth /tmp/chk.stock.gguf --preset 1b --layers 4 --outtype f16 --pi /tmp/chk.pi.gguf --force \
         --calib-tokens 256 --heldout-tokens 128 2>&1 | tail -1
@@ -84,12 +73,44 @@ prep)
     timeout 200 python3 tools/gpu_split_check.py /tmp/chk.pi.gguf 0 55% 100% 2>&1 \
         | grep -E "budget|Error|error|Traceback" | tee "$OUT/split-check.txt"
     el "check done"
+}
+op_tests() {  # the ops on CUDA against their definitions and the CPU (quantized rows included), and
+    # the out_prod of the dense GPU way
     $(pi_patched_bin)/test-pi-sparse-ffn 2>&1 | tail -2 | tee "$OUT/pi-sparse-ffn.txt"
-    for op in PI_GATHER_ROWS PI_SPARSE_FFN; do
+    for op in PI_GATHER_ROWS PI_SPARSE_FFN OUT_PROD; do
         $(pi_patched_bin)/test-backend-ops -o $op -b CUDA0 2>&1 | grep -E "FAIL|passed" | tail -3
     done | tee "$OUT/backend-ops.txt"
-    # the gather from pinned host memory against copying the whole weight: where it stops paying
+    el "op tests done"
+}
+
+case "${1:-}" in
+build)
+    build_both
+    ;;
+optests)
+    op_tests
+    # the gather against copying the whole weight; the dense way's chunk, its down as out_prod
     $(pi_patched_bin)/test-pi-sparse-ffn --perf | tee "$OUT/gather-perf.txt"
+    ;;
+prep)
+    nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+    echo "cores $(nproc), RAM $(free -g | awk '/Mem/{print $2}') GiB; models in $M; shm $(df -h --output=avail /dev/shm | tail -1)"
+    build_both
+    split_check
+    op_tests
+    $(pi_patched_bin)/test-pi-sparse-ffn --perf | tee "$OUT/gather-perf.txt"
+    ;;
+splitcheck)
+    split_check
+    ;;
+buffers)
+    # ours at BUDGET: the planner's reserve against the compute buffers llama.cpp then allocates
+    # (pp512 ubatches, KV for 544 tokens as pi-bench's prompt runs)
+    BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-10GiB}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
+    $(pi_patched_bin)/llama-bench -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 512 -n 0 -r 1 -v \
+        --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:544 2>&1 \
+        | grep -E "powerinfer: VRAM|compute buffer size|model buffer size|KV buffer size|pp512" | cut -c1-260 | tee "$OUT/$P-buffers.txt"
+    el "buffers done"
     ;;
 synth)
     start_synth $P f16
@@ -144,10 +165,11 @@ prompt)
     }
     # decode and pp512 with the KV cache of that run (as the decode figures before), then time to
     # first token of 512 and 2048 tokens (KV for 2048: fewer hot rows fit)
-    for b in ${BUDGET:-10GiB} 0; do
+    for b in ${BUDGETS:-${BUDGET:-10GiB} 0}; do
         bench $b -p 512 -n 32 -r 2 --ttft none --json "$OUT/$P-pp512-${b%\%}.json" | tee "$OUT/$P-pp512-${b%\%}.txt"
         el "pp512 + tg32 at $b done"
     done
+    [ "${TTFT:-1}" = 1 ] || exit 0
     bench ${BUDGET:-10GiB} -p 512 -n 8 -r 2 --ttft 512,2048 --json "$OUT/$P-ttft.json" | tee "$OUT/$P-ttft.txt"
     el "time to first token done"
     ;;
@@ -215,7 +237,7 @@ sweep)
     el "sweep done"
     ;;
 *)
-    echo "usage: $0 prep|head|sweep" >&2
+    echo "usage: $0 build|prep|optests|splitcheck|synth|synthq|buffers|prompt|q4|serve|kernel|head|profile|sweep|recheck|check" >&2
     exit 2
     ;;
 esac

@@ -10,26 +10,41 @@
 #include <algorithm>
 #include <vector>
 
-// Down projection of h [n_ff, T] with the weight stored one row per neuron: [n_embd, T]. The dense
-// way transposes the weight into a scratch copy and runs mul_mat, which reaches the GEMM kernels:
-// one extra pass over the down weight per ubatch, far cheaper than ggml_out_prod over down_t
-// (docs/NOTES.md).
+// Whether the GPU runs out_prod(w, h^T) for a weight of w's type and shape
+static bool pi_gpu_out_prod(ggml_backend_t gpu, const ggml_tensor * w, const ggml_tensor * h) {
+    llama_pi_probe_ctx probe_ctx;
+    ggml_tensor * a = ggml_new_tensor_2d(probe_ctx.ctx, w->type, w->ne[0], w->ne[1]);
+    ggml_tensor * b = ggml_new_tensor_2d(probe_ctx.ctx, GGML_TYPE_F32, h->ne[0], h->ne[1]);
+    ggml_tensor * probe = ggml_out_prod(probe_ctx.ctx, a, ggml_transpose(probe_ctx.ctx, b)); // not in the graph
+    return ggml_backend_supports_op(gpu, probe);
+}
+
+// Down projection of h [n_ff, T] with the weight stored one row per neuron: [n_embd, T]. On a
+// GPU whose out_prod reads the weight's type (CUDA: F32, and F16 through pi-out-prod.cu), one
+// GEMM over the rows as stored: out_prod(down_t, h^T). Elsewhere the weight is copied transposed
+// and multiplied by mul_mat, which reaches the GEMM kernels: one extra pass over the down weight
+// per ubatch, far cheaper than the CPU's out_prod over down_t (docs/NOTES.md).
 // Its nodes (views aside) are added to `nodes`.
-static ggml_tensor * pi_down_neuron_rows(ggml_context * ctx0, ggml_tensor * down_t, ggml_tensor * h,
+static ggml_tensor * pi_down_neuron_rows(ggml_context * ctx0, ggml_tensor * down_t, ggml_tensor * h, ggml_backend_t gpu,
                                          std::vector<ggml_tensor *> & nodes) {
     if (ggml_is_quantized(down_t->type)) {
-        // quantized blocks run along a row: a transposed view cannot be copied block-wise, so
-        // dequantize first, by get_rows of every row (CUDA's cast has no K-quant source; its
-        // get_rows has them all, so the dense GPU way stays on the GPU)
+        // quantized blocks run along a row: they are neither a GEMM operand as rows nor copied
+        // transposed block-wise, so dequantize first, by get_rows of every row (CUDA's cast has no
+        // K-quant source; its get_rows has them all, so the dense GPU way stays on the GPU)
         const int64_t n = down_t->ne[1];
         ggml_tensor * arange = ggml_arange(ctx0, 0.0f, (float) n, 1.0f);
         ggml_tensor * ids = ggml_cast(ctx0, arange, GGML_TYPE_I32);
         down_t = ggml_get_rows(ctx0, down_t, ids);
         nodes.insert(nodes.end(), { arange, ids, down_t });
     }
-    ggml_tensor * down = ggml_cont(ctx0, ggml_transpose(ctx0, down_t));
-    ggml_tensor * out = ggml_mul_mat(ctx0, down, h);
-    nodes.insert(nodes.end(), { down, out });
+    ggml_tensor * out;
+    if (gpu != nullptr && pi_gpu_out_prod(gpu, down_t, h)) {
+        out = ggml_out_prod(ctx0, down_t, ggml_transpose(ctx0, h));
+    } else {
+        out = ggml_mul_mat(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, down_t)), h);
+        nodes.push_back(out->src[0]);
+    }
+    nodes.push_back(out);
     return out;
 }
 
@@ -57,6 +72,11 @@ enum pi_way { PI_WAY_SPARSE, PI_WAY_DENSE, PI_WAY_DENSE_GPU };
 
 static bool pi_in_gpu_memory(const ggml_tensor * w) {
     return w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
+}
+
+// The GPU that runs the nodes of a weight in GPU memory (the scheduler's first backend), else null
+static ggml_backend_t pi_weight_gpu(const llm_graph_context & g, const ggml_tensor * w) {
+    return pi_in_gpu_memory(w) && g.sched != nullptr ? ggml_backend_sched_get_backend(g.sched, 0) : nullptr;
 }
 
 // The GPU that takes a large ubatch's work on CPU-resident weights: the scheduler's first backend
@@ -126,17 +146,24 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
     if (score) {
         mask = node(pi_selection_mask(ctx0, score, p.threshold));
         nodes.push_back(mask->src[0]); // score - threshold
+        g.cb(mask, "ffn_pi_mask", il);
     }
     if (gather && mask) {
         ggml_tensor * count = node(ggml_sum_rows(ctx0, node(ggml_cont(ctx0, ggml_transpose(ctx0, mask)))));
         p.gate   = node(ggml_pi_gather_rows(ctx0, p.gate,   count));
         p.up     = node(ggml_pi_gather_rows(ctx0, p.up,     count));
         p.down_t = node(ggml_pi_gather_rows(ctx0, p.down_t, count));
+        g.cb(count, "ffn_pi_count", il);
+        g.cb(p.gate, "ffn_pi_gathered_gate", il);
+        g.cb(p.up, "ffn_pi_gathered_up", il);
+        g.cb(p.down_t, "ffn_pi_gathered_down", il);
     }
     // lora scales apply to whole tensors only
     const bool whole = layer.pi.ffn_gate_cold == nullptr && p.gate->ne[1] == layer.ffn_gate->ne[1];
     ggml_tensor * up   = node(g.build_lora_mm(p.up,   cur, whole ? layer.ffn_up_s   : nullptr));
     ggml_tensor * gate = node(g.build_lora_mm(p.gate, cur, whole ? layer.ffn_gate_s : nullptr));
+    g.cb(up, "ffn_pi_up", il);
+    g.cb(gate, "ffn_pi_gate", il);
     if (g.hparams.pi.ffn_act == LLAMA_PI_ACT_DRELU) {
         up = node(ggml_relu(ctx0, up));
     }
@@ -145,7 +172,8 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
         h = node(ggml_mul(ctx0, h, mask));
     }
     g.cb(h, "ffn_pi_h", il);
-    ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h, nodes);
+    ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h, gpu ? gpu : pi_weight_gpu(g, p.down_t), nodes);
+    g.cb(out, "ffn_pi_down", il);
     if (gpu) {
         for (ggml_tensor * t : nodes) {
             ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);

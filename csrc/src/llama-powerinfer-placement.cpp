@@ -176,32 +176,46 @@ static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & 
     return cost;
 }
 
-// Compute buffers of a prompt ubatch on the GPU: logits, attention scores, FFN activations (gate,
-// up, h, score, mask) and, with a GPU, the staging of a large ubatch's dense FFN: a chunk of rows
-// in CPU memory brought over (gate, up, down) plus its transposed down (llama-powerinfer-graph.cpp),
-// which for quantized rows is F32 and comes from an F32 copy of the chunk (both alive at once).
-static int64_t pi_staging_bytes(const llama_model_loader & ml, int64_t n_ff_max, int64_t n_ff0) {
+// The staging of a large ubatch's dense FFN on the GPU: a chunk of rows in CPU memory brought over
+// (gate, up, down; a quantized down then dequantized to F32, both alive at once) and, where the
+// GPU's out_prod does not read that down (llama-powerinfer-graph.cpp), its transposed copy.
+static int64_t pi_staging_bytes(const llama_model_loader & ml, ggml_backend_dev_t gpu, int64_t n_ff_max, int64_t n_ff0) {
     const int64_t rows = std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS);
     const int64_t row_b = (int64_t) pi_bytes_of(ml, "blk.0.ffn_gate.weight") / n_ff0;
     const ggml_tensor * down = ml.get_tensor_meta("blk.0.ffn_down_t.weight");
-    if (down == nullptr || !ggml_is_quantized(down->type)) {
-        return 4 * rows * row_b;
-    }
-    return rows * (3 * row_b + 2 * down->ne[0] * (int64_t) sizeof(float));
+    const bool quantized = down != nullptr && ggml_is_quantized(down->type);
+    const ggml_type down_type = down == nullptr ? GGML_TYPE_F16 : quantized ? GGML_TYPE_F32 : down->type;
+    const int64_t down_b = quantized ? (int64_t) (down->ne[0] * sizeof(float)) : row_b; // the down's rows as multiplied
+    llama_pi_probe_ctx probe;
+    ggml_tensor * w = ggml_new_tensor_2d(probe.ctx, down_type, down_b / ggml_type_size(down_type), rows);
+    ggml_tensor * h = ggml_new_tensor_2d(probe.ctx, GGML_TYPE_F32, rows, 512);
+    const bool out_prod = ggml_backend_dev_supports_op(gpu, ggml_out_prod(probe.ctx, w, ggml_transpose(probe.ctx, h)));
+    return rows * (3 * row_b + (quantized ? down_b : 0) + (out_prod ? 0 : down_b));
 }
 
+// Compute buffers of a prompt ubatch (n_ub tokens) on the GPU. llama.cpp's allocator reuses memory
+// from one part of the graph to the next, so its buffer is the largest part, not their sum (the
+// sum held back 2.4x what was allocated: docs/NOTES.md): attention (scores and their softmax), the
+// FFN (score, its difference from the threshold and the mask over every row; gate, up and h of a
+// chunk; the chunk's staging) or the output (logits of every token), all F32, with the residual
+// stream alive throughout; plus 64 MiB for the backend's own pool (activations converted for its
+// GEMMs) and workspace.
 static int64_t pi_compute_reserve(const llama_model_base & model, const llama_model_loader & ml, int64_t n_ctx,
-                                  bool gpu) {
+                                  ggml_backend_dev_t gpu) {
     const llama_hparams & hp = model.hparams;
     int64_t n_head_max = 0, n_ff_max = 0;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         n_head_max = std::max<int64_t>(n_head_max, hp.n_head(il));
         n_ff_max   = std::max<int64_t>(n_ff_max, hp.n_ff(il));
     }
-    const int64_t staging = gpu ? pi_staging_bytes(ml, n_ff_max, hp.n_ff(0)) : 0;
     const int64_t n_ub = std::min<int64_t>(512, n_ctx);
+    const int64_t n_embd = hp.n_embd;
+    const int64_t attention = n_ub * 4 * (2 * n_head_max * n_ctx + 4 * n_embd);
+    const int64_t ffn = (gpu ? pi_staging_bytes(ml, gpu, n_ff_max, hp.n_ff(0)) : 0) +
+                        n_ub * 4 * (3 * n_ff_max + 3 * std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS));
+    const int64_t output = n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_embd);
     const int64_t reserve = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_RESERVE,
-        (64ll << 20) + staging + n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_head_max * n_ctx + 5 * n_ff_max));
+        (64ll << 20) + n_ub * 4 * 2 * n_embd + std::max({ attention, ffn, output }));
     if (reserve < 0) {
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_VRAM_RESERVE " must be >= 0");
     }
@@ -244,7 +258,7 @@ static int pi_plan_budget(llama_model_base & model, llama_model_loader & ml, int
     }
     std::vector<std::vector<float>> freq;
     const std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, n_ctx, gpu, freq);
-    const int64_t reserve = pi_compute_reserve(model, ml, n_ctx, gpu != nullptr);
+    const int64_t reserve = pi_compute_reserve(model, ml, n_ctx, gpu);
     size_t out_bytes = pi_bytes_of(ml, "output_norm.weight");
     out_bytes += ml.get_tensor_meta("output.weight") ? pi_bytes_of(ml, "output.weight") : pi_bytes_of(ml, "token_embd.weight");
 

@@ -1,5 +1,6 @@
 // powerinfer_gguf: test cases of GGML_OP_PI_SPARSE_FFN and GGML_OP_PI_GATHER_ROWS
-// (ggml/include/ggml-powerinfer.h), included by test-backend-ops.cpp after test_case.
+// (ggml/include/ggml-powerinfer.h) and of the out_prod our dense GPU way runs, included by
+// test-backend-ops.cpp after test_case and test_out_prod.
 //   test: every backend that claims the op against the CPU kernel (F32/F16/BF16 rows and
 //         Q4_0/Q8_0/Q4_K/Q6_K, decode and multi-token ubatches, ReLU and dReLU, sparse and
 //         all-active, row counts off the kernels' block sizes, rows of a size the CUDA kernel
@@ -178,6 +179,15 @@ static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_ca
         test_cases.emplace_back(new test_pi_gather_rows(type, 256, 300, 0.5f, 77));
     }
     test_cases.emplace_back(new test_pi_gather_rows(GGML_TYPE_F16, 255, 300, 0.5f)); // odd bytes: 1-byte loads
+    // the dense way's down on a GPU: out_prod(down_t, h^T), down_t F16 (CUDA: pi-out-prod.cu) or
+    // F32 (a quantized down dequantized); h transposed as the graph passes it, and plain
+    for (ggml_type type : {GGML_TYPE_F16, GGML_TYPE_F32}) {
+        for (int64_t n_tok : {1, 9, 64}) {
+            for (bool trans_h : {true, false}) {
+                test_cases.emplace_back(new test_out_prod(type, GGML_TYPE_F32, 256, n_tok, 300, {1, 1}, {1, 1}, trans_h));
+            }
+        }
+    }
 }
 
 static void pi_test_cases_perf(std::vector<std::unique_ptr<test_case>> & test_cases) {

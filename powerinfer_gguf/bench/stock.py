@@ -23,12 +23,15 @@ class Offload:
 
 
 def compute_buffer_estimate(sizes: ModelSizes, n_ctx: int, n_ubatch: int, output_on_gpu: bool) -> int:
-    """Rough size of llama.cpp's GPU compute buffer (f32 activations of one ubatch). An estimate,
-    not llama.cpp's exact reservation: it keeps the plan on the safe side of the budget."""
-    per_tok = 4 * (4 * sizes.n_embd + 2 * sizes.n_ff + sizes.n_head * n_ctx)
-    if output_on_gpu:
-        per_tok += 4 * sizes.n_vocab
-    return per_tok * n_ubatch
+    """Rough size of llama.cpp's GPU compute buffers for one ubatch, reckoned as ours is
+    (llama-powerinfer-placement.cpp, pi_compute_reserve): the largest part of the graph, as its
+    allocator reuses memory from one part to the next (attention scores and softmax, the FFN's
+    gate, up and h, the logits), f32, the residual stream alive throughout, plus 64 MiB of the
+    backend's pool and workspace. An estimate that keeps the plan on the safe side of the budget."""
+    attention = 2 * sizes.n_head * n_ctx + 4 * sizes.n_embd
+    ffn = 3 * sizes.n_ff
+    output = sizes.n_vocab + sizes.n_embd if output_on_gpu else 0
+    return (64 << 20) + 4 * n_ubatch * (2 * sizes.n_embd + max(attention, ffn, output))
 
 
 def stock_offload(sizes: ModelSizes, budget: int, n_ctx: int, n_ubatch: int = 512) -> Offload:
