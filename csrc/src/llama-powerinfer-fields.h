@@ -2,12 +2,21 @@
 // (llama_hparams::pi, llama_layer::pi), so an upstream struct gains one line.
 #pragma once
 
+#include "ggml-cpp.h"
 #include "ggml-powerinfer.h"
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 struct ggml_tensor;
+
+// The memory of a layer's counters: a context and a buffer per part (freed with the model)
+struct llama_pi_counter_store {
+    ggml_context_ptr ctx;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+};
 
 // What the file says (powerinfer.* keys), the run-time choices (powerinfer.runtime.* kv overrides)
 // and the placement the planner made. Included by llama-hparams.h after LLAMA_MAX_LAYERS.
@@ -38,7 +47,9 @@ struct llama_pi_layer {
     ggml_tensor * ffn_up_cold         = nullptr;
     ggml_tensor * ffn_down_t_cold     = nullptr;
     ggml_tensor * pred_threshold_cold = nullptr;
-    // counters the kernels add to (llama_pi_get_layer_stats): the hot part (or the whole FFN), the cold part
-    mutable ggml_pi_sparse_stats stats      = {};
-    mutable ggml_pi_sparse_stats stats_cold = {};
+    // the op's counters (I64 ggml_pi_sparse_stats; llama_pi_get_layer_stats): the hot part (or the
+    // whole FFN), the cold part; each in a buffer of its part's rows' type (llama_pi_alloc_counters)
+    ggml_tensor * counters      = nullptr;
+    ggml_tensor * counters_cold = nullptr;
+    std::shared_ptr<llama_pi_counter_store> counter_store; // owns their context and buffers
 };

@@ -260,7 +260,7 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
         if (way == PI_WAY_SPARSE) {
             part_out = ggml_pi_sparse_ffn(ctx0, cur, p.gate, p.up, p.down_t, part_score,
                                           score ? p.threshold : nullptr, act, pi_op_flags(pi),
-                                          p.r0 == 0 ? &layer.pi.stats : &layer.pi.stats_cold);
+                                          p.r0 == 0 ? layer.pi.counters : layer.pi.counters_cold);
             g.cb(part_out, "ffn_pi_sparse", il);
         } else if (way == PI_WAY_DENSE_GPU) {
             part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, ggml_backend_sched_get_backend(g.sched, 0));

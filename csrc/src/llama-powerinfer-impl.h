@@ -94,6 +94,11 @@ void llama_pi_split_weight(llama_model_loader & ml, const std::string & name, co
 // every type against what the kernels read, and that the layer has no FFN biases.
 void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer, int il);
 
+// After the weights are loaded: each part's counters (llama_pi_layer::counters), zeroed, in a
+// buffer of the type that holds its rows (CPU memory for rows in host memory), so that the
+// backend running the part's op adds to them where they lie.
+void llama_pi_alloc_counters(llama_model_base & model);
+
 // The dense gated FFN of one layer with hparams.pi.ffn_act. The one place a llama-family graph
 // builds its FFN: the sparse FFN branches off here.
 ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il);

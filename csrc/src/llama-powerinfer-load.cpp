@@ -235,3 +235,36 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
                                  ggml_type_name(layer.ffn_up->type) + " (the sparse FFN needs one type)");
     }
 }
+
+void llama_pi_alloc_counters(llama_model_base & model) {
+    if (!model.hparams.pi.sparse) {
+        return;
+    }
+    for (size_t il = 0; il < model.layers.size(); ++il) {
+        llama_layer & layer = model.layers[il];
+        auto store = std::make_shared<llama_pi_counter_store>();
+        store->ctx.reset(ggml_init({ 2 * ggml_tensor_overhead(), nullptr, true }));
+        auto counters_by = [&](const ggml_tensor * rows, const char * name) -> ggml_tensor * {
+            if (rows == nullptr || rows->buffer == nullptr) {
+                return nullptr;
+            }
+            ggml_tensor * t = ggml_new_tensor_1d(store->ctx.get(), GGML_TYPE_I64, GGML_PI_N_STATS);
+            ggml_format_name(t, "blk.%zu.%s", il, name);
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_is_host(rows->buffer) ? ggml_backend_cpu_buffer_type()
+                                                                                      : ggml_backend_buffer_get_type(rows->buffer);
+            ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, ggml_backend_buft_get_alloc_size(buft, t));
+            if (buf == nullptr) {
+                throw std::runtime_error(std::string("powerinfer: cannot allocate ") + t->name + " in " + ggml_backend_buft_name(buft));
+            }
+            store->bufs.emplace_back(buf);
+            if (ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf)) != GGML_STATUS_SUCCESS) {
+                throw std::runtime_error(std::string("powerinfer: cannot place ") + t->name + " in " + ggml_backend_buft_name(buft));
+            }
+            ggml_backend_buffer_clear(buf, 0);
+            return t;
+        };
+        layer.pi.counters      = counters_by(layer.ffn_gate, "pi_counters");
+        layer.pi.counters_cold = counters_by(layer.pi.ffn_gate_cold, "pi_counters_cold");
+        layer.pi.counter_store = std::move(store);
+    }
+}

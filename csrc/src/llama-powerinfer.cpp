@@ -34,6 +34,15 @@ int32_t llama_pi_model_sparse(const struct llama_model * model) {
     return hp.pi.rt_sparse ? 1 : 2;
 }
 
+// A part's counters as its backend holds them (ggml_backend_tensor_get: host, GPU or RPC server)
+static ggml_pi_sparse_stats pi_read_counters(const ggml_tensor * counters) {
+    ggml_pi_sparse_stats st = {};
+    if (counters != nullptr) {
+        ggml_backend_tensor_get(counters, &st, 0, sizeof(st));
+    }
+    return st;
+}
+
 int32_t llama_pi_get_layer_stats(const struct llama_model * model, int32_t il, struct llama_pi_layer_stats * out) {
     if (!model->hparams.pi.sparse || il < 0 || il >= (int32_t) model->layers.size() || out == nullptr) {
         return -1;
@@ -41,28 +50,31 @@ int32_t llama_pi_get_layer_stats(const struct llama_model * model, int32_t il, s
     // A split layer's parts count separately (the GPU kernels count nothing): tokens and
     // evaluations once, rows read and fired summed over the parts that count.
     const llama_layer & l = model->layers[il];
-    auto ld = [](const int64_t & v) { return __atomic_load_n(&v, __ATOMIC_RELAXED); };
-    out->n_evals     = std::max(ld(l.pi.stats.n_evals),  ld(l.pi.stats_cold.n_evals));
-    out->n_tokens    = std::max(ld(l.pi.stats.n_tokens), ld(l.pi.stats_cold.n_tokens));
+    const ggml_pi_sparse_stats a = pi_read_counters(l.pi.counters);
+    const ggml_pi_sparse_stats b = pi_read_counters(l.pi.counters_cold);
+    out->n_evals     = std::max(a.n_evals,  b.n_evals);
+    out->n_tokens    = std::max(a.n_tokens, b.n_tokens);
     out->n_rows      = out->n_tokens * (int64_t) model->hparams.n_ff(il);
-    out->n_predicted = ld(l.pi.stats.n_predicted) + ld(l.pi.stats_cold.n_predicted);
-    out->n_fired     = ld(l.pi.stats.n_fired)     + ld(l.pi.stats_cold.n_fired);
+    out->n_predicted = a.n_predicted + b.n_predicted;
+    out->n_fired     = a.n_fired     + b.n_fired;
     // rows the CPU read: a gate row per predicted neuron, an up row per firing gate, a down row
     // per non-zero activation (both parts have the layer's row sizes: they are views of its rows)
-    const int64_t n_up = ld(l.pi.stats.n_up) + ld(l.pi.stats_cold.n_up);
-    out->cpu_bytes   = out->n_predicted * (int64_t) l.ffn_gate->nb[1] + n_up * (int64_t) l.ffn_up->nb[1] +
+    out->cpu_bytes   = out->n_predicted * (int64_t) l.ffn_gate->nb[1] + (a.n_up + b.n_up) * (int64_t) l.ffn_up->nb[1] +
                        out->n_fired * (int64_t) l.pi.ffn_down_t->nb[1];
-    out->cpu_ns      = ld(l.pi.stats.ns)          + ld(l.pi.stats_cold.ns);
-    out->cpu_threads = std::max(ld(l.pi.stats.n_threads), ld(l.pi.stats_cold.n_threads));
-    out->cpu_evals_tiles = ld(l.pi.stats.n_evals_tiles) + ld(l.pi.stats_cold.n_evals_tiles);
-    out->cpu_union       = ld(l.pi.stats.n_union)       + ld(l.pi.stats_cold.n_union);
+    out->cpu_ns      = a.ns + b.ns;
+    out->cpu_threads = std::max(a.n_threads, b.n_threads);
+    out->cpu_evals_tiles = a.n_evals_tiles + b.n_evals_tiles;
+    out->cpu_union       = a.n_union       + b.n_union;
     return 0;
 }
 
 void llama_pi_reset_stats(const struct llama_model * model) {
     for (const llama_layer & layer : model->layers) {
-        layer.pi.stats = {};
-        layer.pi.stats_cold = {};
+        for (ggml_tensor * t : { layer.pi.counters, layer.pi.counters_cold }) {
+            if (t != nullptr) {
+                ggml_backend_tensor_memset(t, 0, 0, ggml_nbytes(t));
+            }
+        }
     }
 }
 

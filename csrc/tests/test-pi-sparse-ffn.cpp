@@ -88,7 +88,8 @@ struct pi_graph {
 };
 
 // The case's tensors in ctx; the op (reference = false) or its definition in primitives.
-ggml_tensor * pi_build(ggml_context * ctx, const pi_case & c, bool reference, ggml_pi_sparse_stats * stats, ggml_tensor ** h_out) {
+// With `stats`, the op's counters are a tensor named "stats" of the case.
+ggml_tensor * pi_build(ggml_context * ctx, const pi_case & c, bool reference, bool stats, ggml_tensor ** h_out) {
     ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.n_embd, c.n_tok);
     ggml_tensor * gate   = ggml_new_tensor_2d(ctx, c.type, c.n_embd, c.n_rows);
     ggml_tensor * up     = ggml_new_tensor_2d(ctx, c.type, c.n_embd, c.n_rows);
@@ -103,9 +104,15 @@ ggml_tensor * pi_build(ggml_context * ctx, const pi_case & c, bool reference, gg
     }
     const bool all = c.active < 0;
     if (!reference) {
+        ggml_tensor * counters = nullptr;
+        if (stats) {
+            counters = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, GGML_PI_N_STATS);
+            ggml_set_name(counters, "stats");
+            ggml_set_input(counters);
+        }
         return ggml_pi_sparse_ffn(ctx, x, gate, up, down_t, all ? nullptr : score, all ? nullptr : thr,
                                   c.drelu ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU,
-                                  (all ? GGML_PI_SPARSE_ALL_ACTIVE : 0) | c.way, stats);
+                                  (all ? GGML_PI_SPARSE_ALL_ACTIVE : 0) | c.way, counters);
     }
     // h = relu(gate x) * up x (dReLU: both rectified), where score > threshold; out = down_t^T h
     ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
@@ -125,7 +132,7 @@ bool pi_run(ggml_backend_t backend, const pi_case & c, const pi_inputs & in, boo
     pi_graph g;
     ggml_init_params ip = { ggml_tensor_overhead() * 64 + ggml_graph_overhead(), nullptr, true };
     g.ctx = ggml_init(ip);
-    g.out = pi_build(g.ctx, c, reference, stats, &g.h);
+    g.out = pi_build(g.ctx, c, reference, stats != nullptr, &g.h);
     ggml_set_output(g.out);
     if (!reference && !ggml_backend_supports_op(backend, g.out)) {
         return false;
@@ -139,9 +146,16 @@ bool pi_run(ggml_backend_t backend, const pi_case & c, const pi_inputs & in, boo
     pi_upload(ggml_get_tensor(g.ctx, "down_t"), in.down);
     pi_upload(ggml_get_tensor(g.ctx, "score"), in.score);
     pi_upload(ggml_get_tensor(g.ctx, "thr"), in.thr);
+    ggml_tensor * counters = ggml_get_tensor(g.ctx, "stats");
+    if (counters) {
+        ggml_backend_tensor_memset(counters, 0, 0, ggml_nbytes(counters));
+    }
     if (ggml_backend_graph_compute(backend, g.gf) != GGML_STATUS_SUCCESS) {
         fprintf(stderr, "graph compute failed\n");
         return false;
+    }
+    if (counters) { // read back as any backend's (or an RPC server's) counters are
+        ggml_backend_tensor_get(counters, stats, 0, ggml_nbytes(counters));
     }
     out.resize(ggml_nelements(g.out));
     ggml_backend_tensor_get(g.out, out.data(), 0, ggml_nbytes(g.out));

@@ -36,7 +36,8 @@ extern "C" {
     #define GGML_PI_TILE_GAIN       4.5
     #define GGML_PI_TILE_MIN_TOKENS 4
 
-    // Counters a kernel adds to (atomically) on every evaluation, when the op is given them.
+    // Counters a kernel adds to (atomically) on every evaluation, when the op is given them: the
+    // layout of the op's counters tensor (I64, GGML_PI_N_STATS values).
     struct ggml_pi_sparse_stats {
         int64_t n_evals;     // evaluations of the op
         int64_t n_tokens;    // tokens seen
@@ -50,6 +51,7 @@ extern "C" {
         int64_t n_evals_tiles; // CPU evaluations that ran the tiles way (the others: pairs)
         int64_t n_union;       // CPU: rows any token of the ubatch selected, summed over evaluations
     };
+    #define GGML_PI_N_STATS ((int64_t) (sizeof(struct ggml_pi_sparse_stats) / sizeof(int64_t)))
 
     // out[:, t] = sum over rows j with score[j, t] > threshold[j] of h_j(x_t) * down_t[:, j]
     //
@@ -58,7 +60,10 @@ extern "C" {
     //   down_t    [n_embd, n_rows]       the down projection, one row per neuron
     //   score     F32 [n_rows, T] or NULL   predictor output (may be a view)
     //   threshold F32 [n_rows] or NULL      per-row threshold
-    //   stats     counters to add to, or NULL; must outlive every graph holding the op
+    //   stats     I64 [GGML_PI_N_STATS] or NULL: counters the kernel adds to (struct
+    //             ggml_pi_sparse_stats), kept in a buffer of the backend that runs the op (as the
+    //             rows are) and read back with ggml_backend_tensor_get, on any backend and over RPC
+    //             alike; a copy the scheduler made for another backend would take the counts instead
     //
     // Result F32 [n_embd, T]. With GGML_PI_SPARSE_ALL_ACTIVE, score and threshold may be NULL.
     GGML_API struct ggml_tensor * ggml_pi_sparse_ffn(
@@ -71,11 +76,12 @@ extern "C" {
             struct ggml_tensor          * threshold,
             enum ggml_pi_act              act,
             uint32_t                      flags,
-            struct ggml_pi_sparse_stats * stats);
+            struct ggml_tensor          * stats);
 
     // Accessors for the op's parameters (kernels of every backend read them the same way).
     GGML_API enum ggml_pi_act             ggml_pi_sparse_ffn_act  (const struct ggml_tensor * op);
     GGML_API uint32_t                     ggml_pi_sparse_ffn_flags(const struct ggml_tensor * op);
+    // the counters' data in place (a kernel on the backend whose memory holds them), or NULL
     GGML_API struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor * op);
 
     // out = w with every row r whose count[r] <= 0 replaced by zeros (the others copied as bytes)

@@ -10,9 +10,7 @@
 #include <sys/mman.h>
 #endif
 
-// op_params layout: [0] act, [1] flags, [2..3] stats pointer
-#define PI_PARAM_STATS_OFFSET (2 * sizeof(int32_t))
-
+// op_params: [0] act, [1] flags (no pointers: a graph's op params cross to RPC servers as bytes)
 struct ggml_tensor * ggml_pi_sparse_ffn(
         struct ggml_context         * ctx,
         struct ggml_tensor          * x,
@@ -23,7 +21,7 @@ struct ggml_tensor * ggml_pi_sparse_ffn(
         struct ggml_tensor          * threshold,
         enum ggml_pi_act              act,
         uint32_t                      flags,
-        struct ggml_pi_sparse_stats * stats) {
+        struct ggml_tensor          * stats) {
     const int64_t n_embd = gate->ne[0];
     const int64_t n_rows = gate->ne[1];
     const int64_t n_tok  = x->ne[1];
@@ -40,11 +38,13 @@ struct ggml_tensor * ggml_pi_sparse_ffn(
         GGML_ASSERT(threshold->type == GGML_TYPE_F32 && ggml_nelements(threshold) == n_rows);
         GGML_ASSERT(ggml_is_contiguous(threshold));
     }
+    if (stats) {
+        GGML_ASSERT(stats->type == GGML_TYPE_I64 && ggml_nelements(stats) == GGML_PI_N_STATS && ggml_is_contiguous(stats));
+    }
 
     struct ggml_tensor * result = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
 
-    int32_t params[GGML_MAX_OP_PARAMS / sizeof(int32_t)] = { (int32_t) act, (int32_t) flags };
-    memcpy((char *) params + PI_PARAM_STATS_OFFSET, &stats, sizeof(stats));
+    const int32_t params[2] = { (int32_t) act, (int32_t) flags };
     ggml_set_op_params(result, params, sizeof(params));
 
     result->op     = GGML_OP_PI_SPARSE_FFN;
@@ -54,6 +54,7 @@ struct ggml_tensor * ggml_pi_sparse_ffn(
     result->src[3] = x;
     result->src[4] = score;
     result->src[5] = threshold;
+    result->src[6] = stats;
     return result;
 }
 
@@ -66,9 +67,7 @@ uint32_t ggml_pi_sparse_ffn_flags(const struct ggml_tensor * op) {
 }
 
 struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor * op) {
-    struct ggml_pi_sparse_stats * stats;
-    memcpy(&stats, (const char *) op->op_params + PI_PARAM_STATS_OFFSET, sizeof(stats));
-    return stats;
+    return op->src[6] ? (struct ggml_pi_sparse_stats *) op->src[6]->data : NULL;
 }
 
 struct ggml_tensor * ggml_pi_gather_rows(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * count) {
