@@ -45,8 +45,8 @@ PATCHES_DIR = REPO_ROOT / "patches"
 CSRC_DIR = REPO_ROOT / "csrc"
 SOURCES_COMMIT = "powerinfer_gguf sources (csrc/)"
 
-STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize", "llama-server"]
-PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "llama-server",
+STOCK_TARGETS = ["llama-bench", "llama-completion", "llama-perplexity", "llama-quantize", "llama-server", "ggml-rpc-server"]
+PATCHED_TARGETS = ["llama", "llama-bench", "llama-completion", "llama-quantize", "llama-server", "ggml-rpc-server",
                    "test-backend-ops", "test-pi-sparse-ffn"]
 # What a GPU machine needs to build (no models/, docs/, tests data): ~6.4 MB packed with xz.
 PACK_LLAMA_DIRS = ["ggml", "src", "include", "common", "tools", "cmake", "vendor", "app", "licenses",
@@ -117,6 +117,8 @@ class BuildConfig:
             f"-DLLAMA_BUILD_TESTS={'ON' if shared else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF",
             # llama-server for pi-serve --parallel and its benchmark, without its web UI (npm, or a download)
             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+            # llama.cpp's RPC backend and rpc-server: a model over several hosts (each side its own protocol)
+            "-DGGML_RPC=ON",
             f"-DGGML_NATIVE={'ON' if self.native and self.cpu_isa is None else 'OFF'}",
             # Binaries find the shared libs beside them wherever the folder is copied.
             "-DCMAKE_BUILD_RPATH=$ORIGIN", "-DCMAKE_INSTALL_RPATH=$ORIGIN",

@@ -7,6 +7,7 @@ for ctypes and reaches it through llama_cpp's own handle, without a second bindi
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 
@@ -304,6 +305,10 @@ def _make_llama_class():
         all_active: compute every neuron on the sparse path (checks sparse == dense).
         use_mmap defaults to False here (upstream: True): only our own buffers get 2 MB pages
             (ggml_pi_advise_hugepages).
+        rpc: HOST:PORT of rpc-servers (the patched build's ggml-rpc-server) whose devices take
+            layers as a GPU does (llama.cpp's --rpc), each checked first: a host of another
+            protocol (a stock rpc-server) is a one-line RpcError. The planner then takes the first
+            host's device for "the GPU" of vram_budget (per-host budgets: not yet).
         ffn_way: how each part of the FFN runs, "auto" (chosen per ubatch from what it costs:
             docs/DESIGN.md, "ways") or one forced everywhere: "pairs", "tiles" (the sparse op's
             two CPU ways) or "dense" (GEMMs masked by the predictor). Every way computes the
@@ -311,9 +316,12 @@ def _make_llama_class():
         """
 
         def __init__(self, model_path: str, *, vram_budget: str | int = 0, sparse: bool = True,
-                     all_active: bool = False, ffn_way: str = "auto",
+                     all_active: bool = False, ffn_way: str = "auto", rpc: list[str] | None = None,
                      kv_overrides: dict | None = None, **kwargs):
-            check_patched()
+            info = check_patched()
+            if rpc:  # before the budget: "auto" and the planner see the hosts' devices
+                from .rpc import add_servers
+                add_servers(list(rpc), os.path.dirname(info.path))
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
             budget = budget_bytes(model_path, vram_budget)

@@ -1,0 +1,84 @@
+"""llama.cpp's RPC backend from Python: each host checked first, then registered with ggml (what
+llama.cpp's `--rpc HOST:PORT` does), so that a model's layers can be given to it.
+
+The check is the protocol's own HELLO, sent here before ggml connects: ggml's client aborts the
+process on a peer of another protocol, and a stock rpc-server speaks another (patches/0008), so the
+user gets a one-line error naming the host instead. Written by hand: no library speaks this protocol.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+
+# patches/0008-rpc-protocol.patch: the patched build's protocol major (stock llama.cpp's is 7)
+PATCHED_PROTOCOL_MAJOR = 107
+_CMD_HELLO = 14       # ggml-rpc.cpp: "RPC_CMD_HELLO must be always 14", in every protocol version
+_CONN_CAPS_SIZE = 24  # transport.h: the transports a peer offers; all zero = plain TCP
+
+_registered: set[str] = set()
+
+
+class RpcError(ValueError):
+    """A host that cannot take our layers, in one line"""
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RpcError(f"RPC host {endpoint!r}: give HOST:PORT (port 1-65535)")
+    return host, int(port)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data
+
+
+def server_version(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]:
+    """The protocol version (major, minor, patch) the rpc-server at HOST:PORT answers HELLO with"""
+    host, port = parse_endpoint(endpoint)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(struct.pack("<BQ", _CMD_HELLO, _CONN_CAPS_SIZE) + bytes(_CONN_CAPS_SIZE))
+            (size,) = struct.unpack("<Q", _recv_exact(s, 8))
+            if size != 4 + _CONN_CAPS_SIZE:
+                raise ConnectionError(f"a HELLO answer of {size} bytes")
+            major, minor, patch, _ = _recv_exact(s, 4)
+    except (OSError, ConnectionError) as e:
+        raise RpcError(f"RPC host {endpoint}: no rpc-server answered ({e})") from None
+    return major, minor, patch
+
+
+def check_server(endpoint: str) -> None:
+    """Raises RpcError unless the host speaks the patched build's protocol"""
+    major, minor, patch = server_version(endpoint)
+    if major != PATCHED_PROTOCOL_MAJOR:
+        raise RpcError(f"RPC host {endpoint} speaks protocol {major}.{minor}.{patch}, this build "
+                       f"{PATCHED_PROTOCOL_MAJOR}: run the ggml-rpc-server of the patched build there "
+                       "(a stock one cannot run our FFN)")
+
+
+def add_servers(endpoints: list[str], libdir: str) -> None:
+    """Checks every host, then registers each once with ggml (libggml*.so in libdir, already loaded)"""
+    for ep in endpoints:
+        check_server(ep)
+    rpc = ctypes.CDLL(os.path.join(libdir, "libggml-rpc.so"))
+    ggml = ctypes.CDLL(os.path.join(libdir, "libggml.so"))
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    for ep in endpoints:
+        if ep in _registered:
+            continue
+        reg = rpc.ggml_backend_rpc_add_server(ep.encode())
+        if not reg:
+            raise RpcError(f"RPC host {ep}: the server offers no device")
+        ggml.ggml_backend_register(reg)
+        _registered.add(ep)
