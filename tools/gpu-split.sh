@@ -10,6 +10,8 @@
 #                              definitions and the CPU; the gather's and the dense chunk's times
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh buffers
 #                              the planner's compute reserve against the buffers llama.cpp allocates
+#   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh nodes
+#                              time per graph node of one 512-token ubatch (tools/node_profile.py)
 #   PRESET=13b tools/gpu-split.sh synth
 #                              writes that pair (other presets' files removed first; 13B ~440 s)
 #   [PRESET=13b] [BUDGET=10GiB] [BUDGETS="10GiB 0"] [TTFT=1] tools/gpu-split.sh prompt
@@ -111,6 +113,15 @@ buffers)
         --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:544 2>&1 \
         | grep -E "powerinfer: VRAM|compute buffer size|model buffer size|KV buffer size|pp512" | cut -c1-260 | tee "$OUT/$P-buffers.txt"
     el "buffers done"
+    ;;
+nodes)
+    # where a prompt ubatch's time goes, node by node (tools/node_profile.py): ours at BUDGET, KV
+    # for 544 tokens, one ubatch of 512; the F16 pair if present, else the Q4_0 one
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    F=$M/$P.pi.gguf; [ -f $F ] || F=$M/$P.q4.pi.gguf
+    python3 tools/node_profile.py $F --vram-budget ${BUDGET:-10GiB} --n-ctx 544 -p 512 -t 16 --top 25 \
+        --json "$OUT/$P-nodes-${BUDGET:-10GiB}.json" 2>&1 | grep -v "^llama_\|^load" | tee "$OUT/$P-nodes.txt"
+    el "node profile done"
     ;;
 synth)
     start_synth $P f16
@@ -237,7 +248,7 @@ sweep)
     el "sweep done"
     ;;
 *)
-    echo "usage: $0 build|prep|optests|splitcheck|synth|synthq|buffers|prompt|q4|serve|kernel|head|profile|sweep|recheck|check" >&2
+    echo "usage: $0 build|prep|optests|splitcheck|synth|synthq|buffers|nodes|prompt|q4|serve|kernel|head|profile|sweep|recheck|check" >&2
     exit 2
     ;;
 esac
