@@ -38,6 +38,7 @@ class Keys:
         VRAM_RESERVE = f"{NAMESPACE}.runtime.vram_reserve"        # int bytes for compute buffers (default: estimate)
         SPLIT_COST_US = f"{NAMESPACE}.runtime.split_cost_us"      # int, a split layer's hand-off cost (default 70)
         PLAN_WITHOUT_GPU = f"{NAMESPACE}.runtime.plan_without_gpu"  # bool, tests: plan a budget with no GPU
+        DEVICE_BUDGETS = f"{NAMESPACE}.runtime.device_budgets"    # str "NAME=BYTES,...": a budget per device (-1 auto)
 
     class Synth:
         """Provenance of a synthetic model written by powerinfer_gguf.synth (see docs/FORMAT.md)."""

@@ -101,6 +101,35 @@ def budget_bytes(model_path: str | os.PathLike, vram_budget: str | int) -> int:
     return budget
 
 
+def is_per_device(vram_budget) -> bool:
+    """Whether a budget names devices: {LABEL: SIZE} or "LABEL=SIZE,LABEL=SIZE" """
+    return isinstance(vram_budget, dict) or (isinstance(vram_budget, str) and "=" in vram_budget)
+
+
+def device_budgets(model_path: str | os.PathLike, spec: str | dict) -> dict[str, int]:
+    """Budgets per device, {LABEL: SIZE} or "LABEL=SIZE,LABEL=SIZE": LABEL a device's name (CUDA0,
+    RPC1) or an RPC host's HOST:PORT, SIZE as budget_bytes takes it. Labels as given, bytes (-1:
+    auto); ValueError naming the problem."""
+    if isinstance(spec, dict):
+        items = [(str(k).strip(), v) for k, v in spec.items()]
+    else:
+        items = []
+        for part in str(spec).split(","):
+            label, eq, size = part.partition("=")
+            if not eq or not label.strip() or not size.strip():
+                raise ValueError(f"vram budget {spec!r}: {part.strip()!r} is not DEVICE=SIZE (e.g. CUDA0=10GiB,"
+                                 "192.168.1.2:50052=40GiB)")
+            items.append((label.strip(), size.strip()))
+    if not items:
+        raise ValueError("vram budget: no device named")
+    out: dict[str, int] = {}
+    for label, size in items:
+        if label in out:
+            raise ValueError(f"vram budget: {label} is given twice")
+        out[label] = budget_bytes(model_path, size)
+    return out
+
+
 def _percent_of(text, number: str, reference_bytes: int | None) -> int:
     if reference_bytes is None:
         raise ValueError(f"budget {text!r}: a percentage needs a model to be a share of")

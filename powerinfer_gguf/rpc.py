@@ -13,7 +13,7 @@ import socket
 import struct
 
 # patches/0008-rpc-protocol.patch: the patched build's protocol major (stock llama.cpp's is 7)
-PATCHED_PROTOCOL_MAJOR = 107
+PATCHED_PROTOCOL_MAJOR = 108
 _CMD_HELLO = 14       # ggml-rpc.cpp: "RPC_CMD_HELLO must be always 14", in every protocol version
 _CONN_CAPS_SIZE = 24  # transport.h: the transports a peer offers; all zero = plain TCP
 
@@ -82,3 +82,33 @@ def add_servers(endpoints: list[str], libdir: str) -> None:
             raise RpcError(f"RPC host {ep}: the server offers no device")
         ggml.ggml_backend_register(reg)
         _registered.add(ep)
+
+
+def devices(libdir: str) -> list[tuple[str, str]]:
+    """ggml's devices as (name, description): an RPC host's devices are named RPC<n>, described by
+    their HOST:PORT"""
+    base = ctypes.CDLL(os.path.join(libdir, "libggml.so"))  # the registry; names from ggml-base, beneath it
+    base.ggml_backend_dev_count.restype = ctypes.c_size_t
+    base.ggml_backend_dev_get.restype = ctypes.c_void_p
+    base.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    out = []
+    for i in range(base.ggml_backend_dev_count()):
+        dev = base.ggml_backend_dev_get(i)
+        out.append((base.ggml_backend_dev_name(dev).decode(), base.ggml_backend_dev_description(dev).decode()))
+    return out
+
+
+def device_name(label: str, known: list[tuple[str, str]]) -> str:
+    """The device a budget's label means: a device's name, or the one device of an RPC host HOST:PORT"""
+    names = [n for n, _ in known]
+    if label in names:
+        return label
+    on_host = [n for n, desc in known if n.startswith("RPC") and desc == label]
+    if len(on_host) == 1:
+        return on_host[0]
+    if on_host:
+        raise RpcError(f"RPC host {label} has devices {', '.join(on_host)}: give each its own budget by name")
+    raise RpcError(f"no device {label} (devices: {', '.join(f'{n} ({d})' for n, d in known)}; an RPC host "
+                   "needs rpc=[HOST:PORT])")

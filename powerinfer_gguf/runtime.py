@@ -107,7 +107,8 @@ class LayerStats:
 
 class _PlacementC(ctypes.Structure):
     # include/llama-powerinfer.h: struct llama_pi_layer_placement
-    _fields_ = [(name, ctypes.c_int32) for name in ("n_rows", "gpu_rows", "attn_gpu", "split", "dev_rows")]
+    _fields_ = [*((name, ctypes.c_int32) for name in ("n_rows", "gpu_rows", "attn_gpu", "split", "dev_rows")),
+                ("device", ctypes.c_char * 32)]
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,11 @@ class LayerPlacement:
 
     layer: int
     neurons: int       # FFN rows (n_ff)
-    gpu_rows: int      # the hottest rows, held in GPU memory; the rest in CPU memory
-    attn_gpu: bool     # attention, predictor and KV cache on the GPU
+    gpu_rows: int      # the hottest rows, held in a GPU's memory; the rest in CPU memory
+    attn_gpu: bool     # attention, predictor and KV cache on a GPU
     split: bool        # the FFN runs as a GPU part and a CPU part, added
     dev_rows: int = 0  # rows planned where the layer runs (neurons when not split)
+    device: str = "CPU"  # the device of its attention: "CPU" (this host's), "CUDA0", "RPC1" (an RPC host's), ...
 
 
 def _bind_sparse_api(lib) -> None:
@@ -244,7 +246,8 @@ def _placement_of(model) -> list[LayerPlacement]:
         p = _PlacementC()
         if lib.llama_pi_get_layer_placement(model, il, ctypes.byref(p)) != 0:
             return []
-        out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split), int(p.dev_rows)))
+        out.append(LayerPlacement(il, int(p.n_rows), int(p.gpu_rows), bool(p.attn_gpu), bool(p.split), int(p.dev_rows),
+                                  p.device.decode()))
     return out
 
 
@@ -287,7 +290,7 @@ def _make_llama_class():
     import llama_cpp
 
     from .format import FFN_WAYS, Keys
-    from .model_file import budget_bytes
+    from .model_file import budget_bytes, device_budgets, is_per_device
 
     class Llama(llama_cpp.Llama):
         """llama_cpp.Llama over our patched llama.cpp, with PowerInfer-style sparse decoding.
@@ -305,10 +308,15 @@ def _make_llama_class():
         all_active: compute every neuron on the sparse path (checks sparse == dense).
         use_mmap defaults to False here (upstream: True): only our own buffers get 2 MB pages
             (ggml_pi_advise_hugepages).
-        rpc: HOST:PORT of rpc-servers (the patched build's ggml-rpc-server) whose devices take
-            layers as a GPU does (llama.cpp's --rpc), each checked first: a host of another
-            protocol (a stock rpc-server) is a one-line RpcError. The planner then takes the first
-            host's device for "the GPU" of vram_budget (per-host budgets: not yet).
+            Budgets per device: {DEVICE: SIZE} or "DEVICE=SIZE,DEVICE=SIZE", DEVICE a name
+            (CUDA0, RPC1) or an RPC host's HOST:PORT. A GPU takes whole layers and the hottest rows
+            of them (their other rows in this host's memory); a CPU of an RPC host takes whole
+            layers, rows and all, and runs their sparse FFN itself; the first layers, those no
+            budget holds, run here. A single size is the GPU's (the first local one, else the first
+            of an RPC host).
+        rpc: HOST:PORT of rpc-servers (the patched build's ggml-rpc-server) whose devices can take
+            layers (llama.cpp's --rpc), each checked first: a host of another protocol (a stock
+            rpc-server) is a one-line RpcError. Give each a budget in vram_budget.
         ffn_way: how each part of the FFN runs, "auto" (chosen per ubatch from what it costs:
             docs/DESIGN.md, "ways") or one forced everywhere: "pairs", "tiles" (the sparse op's
             two CPU ways) or "dense" (GEMMs masked by the predictor). Every way computes the
@@ -324,13 +332,19 @@ def _make_llama_class():
                 add_servers(list(rpc), os.path.dirname(info.path))
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
-            budget = budget_bytes(model_path, vram_budget)
+            overrides = dict(kv_overrides or {})  # keys the caller set win over the arguments
+            if is_per_device(vram_budget):
+                budgets = self._device_budgets(model_path, vram_budget, info.path)
+                overrides.setdefault(Keys.Runtime.DEVICE_BUDGETS, ",".join(f"{n}={b}" for n, b in budgets.items()))
+                budget = sum(budgets.values()) if all(b >= 0 for b in budgets.values()) else -1
+            else:
+                budget = budget_bytes(model_path, vram_budget)
+                if budget != 0:
+                    overrides.setdefault(Keys.Runtime.VRAM_BUDGET, int(budget))
             kwargs["n_gpu_layers"] = -1 if budget != 0 else 0
             # Weights read into our own buffer, not memory-mapped: only there can they get 2 MB pages
             # (ggml_pi_advise_hugepages), which the sparse FFN's scattered row reads need (docs/NOTES.md).
             kwargs.setdefault("use_mmap", False)
-            # keys the caller set in kv_overrides win over the arguments
-            overrides = dict(kv_overrides or {})
             overrides.setdefault(Keys.Runtime.SPARSE, bool(sparse))
             overrides.setdefault(Keys.Runtime.ALL_ACTIVE, bool(all_active))
             if ffn_way not in FFN_WAYS:
@@ -338,7 +352,6 @@ def _make_llama_class():
             if ffn_way != "auto":
                 overrides.setdefault(Keys.Runtime.FFN_WAY, ffn_way)
             if budget != 0:
-                overrides.setdefault(Keys.Runtime.VRAM_BUDGET, int(budget))
                 n_ctx = int(kwargs.get("n_ctx", 512) or 0)
                 if n_ctx > 0:
                     overrides.setdefault(Keys.Runtime.VRAM_CTX, n_ctx)
@@ -351,6 +364,21 @@ def _make_llama_class():
                         raise ValueError(f"{model_path}: {errors.message}") from None
                     raise
             _bind_sparse_api(llama_cpp.llama_cpp._lib)
+
+        @staticmethod
+        def _device_budgets(model_path: str, spec, lib_path: str) -> dict[str, int]:
+            """{device name: bytes (-1 auto)} from budgets per device, hosts resolved to their device"""
+            from .rpc import device_name, devices
+
+            known = devices(os.path.dirname(lib_path))
+            named: dict[str, int] = {}
+            labels: dict[str, str] = {}
+            for label, b in device_budgets(model_path, spec).items():
+                name = device_name(label, known)
+                if name in named:
+                    raise ValueError(f"vram budget: {labels[name]} and {label} are the same device, {name}")
+                named[name], labels[name] = b, label
+            return named
 
         @property
         def sparse_mode(self) -> str:

@@ -1,24 +1,44 @@
 """Run by test_rpc.py in a process of its own (an RPC host, once registered, stays for the process):
-    python tests/rpc_counters.py MODEL [HOST:PORT]
-loads MODEL with powerinfer_gguf.Llama, every layer on the RPC host when one is given (Llama(rpc=):
-the planner takes its device for the GPU), evaluates a prompt, then 4 tokens one at a time, and prints each layer's
-counters of those 4 (predicted, fired, tokens) as JSON: read back from wherever the op ran."""
+    python tests/rpc_counters.py MODEL [--rpc HOST:PORT]... [--budget SPEC] [--reserve BYTES]
+loads MODEL with powerinfer_gguf.Llama (vram_budget=SPEC, budgets per device; the compute reserve
+fixed when given), evaluates a 14-token prompt (BOS first), then 4 tokens one at a time, then writes 12 greedy
+tokens, and prints as JSON: each layer's device, each layer's counters (predicted, fired, tokens) of
+the prompt and of the 4 tokens, read back from wherever the op ran, and the text."""
+import argparse
 import json
-import sys
 
 from powerinfer_gguf import Llama
+from powerinfer_gguf.format import Keys
+
+PROMPT = b"Hello world, this is a test. The quick brown fox"
+
+
+def counters(llm) -> list[list[int]]:
+    return [[s.predicted, s.fired, s.tokens] for s in llm.sparse_stats()]
 
 
 def main() -> None:
-    model, endpoint = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
-    llm = Llama(model, vram_budget=(1 << 30) if endpoint else 0, rpc=[endpoint] if endpoint else None,
-                n_ctx=256, n_threads=1, verbose=False)
-    llm.eval(llm.tokenize(b"Hello world, this is a test."))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--rpc", action="append", default=[])
+    ap.add_argument("--budget", default="0")
+    ap.add_argument("--reserve", type=int)
+    a = ap.parse_args()
+    overrides = {Keys.Runtime.VRAM_RESERVE: a.reserve} if a.reserve is not None else None
+    llm = Llama(a.model, vram_budget=a.budget, rpc=a.rpc or None, kv_overrides=overrides, n_ctx=256, n_threads=1,
+                verbose=False)
+    tokens = llm.tokenize(PROMPT)
+    llm.reset_sparse_stats()
+    llm.eval(tokens)  # one ubatch of 14 tokens: more than a GPU's sparse limit (8)
+    prompt = counters(llm)
     llm.reset_sparse_stats()
     for t in (450, 4996, 17354, 1701):
         llm.eval([t])
-    print(json.dumps({"remote_layers": sum(p.attn_gpu for p in llm.placement()),
-                      "counters": [[s.predicted, s.fired, s.tokens] for s in llm.sparse_stats()]}))
+    decode = counters(llm)
+    llm.reset()
+    text = llm.create_completion(PROMPT.decode(), max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    print(json.dumps({"devices": [p.device for p in llm.placement()], "prompt": prompt, "decode": decode,
+                      "text": text}))
 
 
 if __name__ == "__main__":

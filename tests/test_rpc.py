@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -62,24 +63,64 @@ def test_layers_on_a_remote_host_write_the_local_text(tiny_pi, tmp_path):
     assert remote.stdout == local.stdout and len(local.stdout) > len(PROMPT)
 
 
-def counters(model, endpoint: str | None = None) -> dict:
-    script = Path(__file__).with_name("rpc_counters.py")
-    r = subprocess.run([sys.executable, str(script), str(model), *([endpoint] if endpoint else [])],
-                       capture_output=True, text=True, timeout=300)
+def counters(model, *endpoints: str, budget: str = "0", reserve: int | None = None) -> dict:
+    """tests/rpc_counters.py in a process of its own: each layer's device, its counters of a
+    14-token prompt and of 4 decoded tokens, and 12 greedy tokens of text"""
+    args = [sys.executable, str(Path(__file__).with_name("rpc_counters.py")), str(model), "--budget", budget]
+    args += [f"--rpc={ep}" for ep in endpoints] + ([f"--reserve={reserve}"] if reserve is not None else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_the_op_counts_on_the_remote_host_as_it_does_locally(tiny_pi, tmp_path):
-    """The op's counters are a tensor in the remote's memory (no pointer crosses the wire): a decode
-    with every layer on the RPC host counts what the local run counts, read back over RPC."""
+def test_a_remote_cpu_runs_the_sparse_op_for_prompts_and_decode(tiny_pi, tmp_path):
+    """The op's counters are a tensor in the remote's memory (no pointer crosses the wire), and the
+    remote device says it is a CPU (patches/0008): a prompt's ubatch and each decoded token run the
+    sparse op there, counting what the local run counts, read back over RPC."""
     _, ours, _ = tiny_pi
     local = counters(ours)
     with rpc_server("patched", tmp_path / "rpc.log") as endpoint:
-        remote = counters(ours, endpoint)
-    assert local["remote_layers"] == 0 and remote["remote_layers"] == len(remote["counters"])
-    assert all(tokens == 4 and predicted > 0 for predicted, _, tokens in local["counters"])
-    assert remote["counters"] == local["counters"]
+        remote = counters(ours, endpoint, budget=f"{endpoint}=1GiB")
+    assert set(local["devices"]) == {"CPU"} and set(remote["devices"]) == {"RPC0"}
+    # the prompt's ubatch: 14 tokens with BOS (the last layer computes the last one only)
+    assert local["prompt"][0][2] == 14 and all(predicted > 0 for predicted, _, _ in local["prompt"])
+    assert all(tokens == 4 and predicted > 0 for predicted, _, tokens in local["decode"])
+    assert remote["prompt"] == local["prompt"] and remote["decode"] == local["decode"]
+    assert remote["text"] == local["text"] and len(local["text"]) > 0
+
+
+def _layer_bytes(model, n_ctx: int) -> tuple[list[int], int]:
+    """What each layer costs the device that holds it whole (its tensors and its KV cache, F16, for
+    n_ctx tokens), and the output layer's bytes: the planner's own sums, from the file"""
+    import gguf
+
+    r = gguf.GGUFReader(model)
+    size = {t.name: int(t.n_bytes) for t in r.tensors}
+    shape = {t.name: [int(x) for x in t.shape] for t in r.tensors}
+    n_layer = 1 + max(int(n.split(".")[1]) for n in size if n.startswith("blk."))
+    layers = []
+    for il in range(n_layer):
+        kv = n_ctx * 2 * (shape[f"blk.{il}.attn_k.weight"][1] + shape[f"blk.{il}.attn_v.weight"][1])
+        layers.append(sum(b for n, b in size.items() if n.startswith(f"blk.{il}.")) + kv)
+    out = size["output_norm.weight"] + size.get("output.weight", size["token_embd.weight"])
+    return layers, out
+
+
+def test_budgets_per_device_give_each_host_its_layers(tiny_pi, tmp_path):
+    """Two rpc-servers stand in for two hosts, each a CPU: budgets per host put the last two layers
+    (and the output) on the second, the one before on the first, the first layer here. Every host
+    runs the sparse op on its layers: the same counters and text as everything here."""
+    _, ours, _ = tiny_pi
+    layers, out = _layer_bytes(ours, 256)
+    reserve = 16 << 20
+    slack = min(layers) // 2  # less than a layer: the budgets hold exactly these layers
+    local = counters(ours)
+    with rpc_server("patched", tmp_path / "a.log") as a, rpc_server("patched", tmp_path / "b.log") as b:
+        budget = f"{a}={reserve + layers[1] + slack},{b}={reserve + out + layers[2] + layers[3] + slack}"
+        remote = counters(ours, a, b, budget=budget, reserve=reserve)
+    assert remote["devices"] == ["CPU", "RPC0", "RPC1", "RPC1"]
+    assert remote["prompt"] == local["prompt"] and remote["decode"] == local["decode"]
+    assert remote["text"] == local["text"]
 
 
 def test_a_peer_of_the_other_build_is_refused_at_the_handshake(tiny_pi, tmp_path):
@@ -91,7 +132,7 @@ def test_a_peer_of_the_other_build_is_refused_at_the_handshake(tiny_pi, tmp_path
     with rpc_server("patched", tmp_path / "rpc.log") as endpoint:
         r = complete("stock", twin, rpc=endpoint)
     assert r.returncode != 0
-    assert "RPC server version mismatch: 107.0.0" in r.stderr
+    assert f"RPC server version mismatch: {PATCHED_PROTOCOL_MAJOR}.0.0" in r.stderr
 
 
 def test_each_build_answers_with_its_protocol(tmp_path):
@@ -106,7 +147,7 @@ def test_llama_refuses_a_stock_host_in_one_line_before_loading(tiny_pi, tmp_path
 
     _, ours, _ = tiny_pi
     with rpc_server("stock", tmp_path / "stock-rpc.log") as endpoint:
-        with pytest.raises(RpcError, match=rf"RPC host {endpoint} speaks protocol 7\.0\.0, this build 107: run the "
+        with pytest.raises(RpcError, match=rf"RPC host {endpoint} speaks protocol 7\.0\.0, this build {PATCHED_PROTOCOL_MAJOR}: run the "
                                            r"ggml-rpc-server of the patched build there") as e:
             Llama(str(ours), rpc=[endpoint], vram_budget=1 << 30, verbose=False)
     assert "\n" not in str(e.value)
@@ -128,3 +169,24 @@ def test_a_host_with_no_server_is_one_line(tiny_pi):
     port = free_port()  # nothing listens there
     with pytest.raises(RpcError, match=f"RPC host 127.0.0.1:{port}: no rpc-server answered"):
         Llama(str(tiny_pi[1]), rpc=[f"127.0.0.1:{port}"], verbose=False)
+
+
+@pytest.mark.parametrize("budget, error", [
+    ("{ep}=1GiB,RPC9=1GiB", r"no device RPC9 \(devices: .*RPC0 \(127\.0\.0\.1:\d+\)"),
+    ("{ep}=1GiB,RPC0=2GiB", r"vram budget: 127\.0\.0\.1:\d+ and RPC0 are the same device, RPC0"),
+    ("{ep}=", r"'127\.0\.0\.1:\d+=' is not DEVICE=SIZE"),
+    ("{ep}=lots", r"bad size 'lots'"),
+    ("CPU=1GiB", r"device_budgets: no device CPU \(this model's devices: RPC0 \(127\.0\.0\.1:\d+, CPU\)\)"),
+    ("{ep}=99999GiB", r"the budget of RPC0 99999\.00 GiB exceeds RPC0 \(127\.0\.0\.1:\d+, CPU\)'s"),
+    ("1GiB", r"no GPU device .*an RPC host's CPU takes a budget of its own"),
+])
+def test_bad_budgets_per_device_are_one_line(tiny_pi, tmp_path, budget, error):
+    """Run in a process of its own, as a host once registered stays for the process"""
+    _, ours, _ = tiny_pi
+    with rpc_server("patched", tmp_path / "rpc.log") as endpoint:
+        code = ("import sys\nfrom powerinfer_gguf import Llama\n"
+                f"Llama({str(ours)!r}, rpc=[{endpoint!r}], vram_budget={budget.format(ep=endpoint)!r}, verbose=False)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.search(error, last), last

@@ -120,7 +120,7 @@ nodes)
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     F=$M/$P.pi.gguf; [ -f $F ] || F=$M/$P.q4.pi.gguf
     python3 tools/node_profile.py $F --vram-budget ${BUDGET:-10GiB} --n-ctx 544 -p 512 -t 16 --top 25 \
-        --json "$OUT/$P-nodes-${BUDGET:-10GiB}.json" 2>&1 | grep -v "^llama_\|^load" | tee "$OUT/$P-nodes.txt"
+        --json "$OUT/$P-nodes-${BUDGET:-10GiB}.json" 2>&1 | grep -v "^llama_\|^load" | tee "$OUT/$P-nodes-${BUDGET:-10GiB}.txt"
     el "node profile done"
     ;;
 synth)

@@ -40,6 +40,7 @@ def _ggml_base() -> ctypes.CDLL:
     lib.ggml_op_desc.restype = ctypes.c_char_p
     lib.ggml_backend_buffer_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_buffer_name.restype = ctypes.c_char_p
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     return lib
 
 
@@ -67,10 +68,20 @@ class NodeClock:
         tensor = ctypes.cast(t, ctypes.POINTER(_Tensor)).contents
         between = 0.0 if self.t_last_end is None else self.t_start - self.t_last_end
         buf = self.ggml.ggml_backend_buffer_name(tensor.buffer).decode() if tensor.buffer else "?"
-        self.nodes.append({"name": tensor.name.decode(errors="replace"), "op": self.ggml.ggml_op_desc(t).decode(),
+        name = tensor.name.decode(errors="replace")
+        self.nodes.append({"name": name, "op": self.ggml.ggml_op_desc(t).decode(),
                            "buffer": buf, "ms": (now - self.t_start) * 1e3, "before_ms": between * 1e3})
+        if name.startswith("ffn_pi_count"):
+            self.nodes[-1]["rows"], self.nodes[-1]["kept"] = self._rows_kept(t, tensor)
         self.t_last_end = time.perf_counter()
         return True
+
+    def _rows_kept(self, t, tensor) -> tuple[int, int]:
+        """A gather's rows and those some token selects (its count, tokens per row, is F32 [1, n])"""
+        n = tensor.ne[0] * tensor.ne[1]
+        counts = (ctypes.c_float * n)()
+        self.ggml.ggml_backend_tensor_get(t, counts, 0, 4 * n)
+        return n, sum(1 for c in counts if c > 0)
 
 
 def decode_once(ctx, tokens: list[int]) -> float:
@@ -121,6 +132,11 @@ def summary(nodes: list[dict], plain_s: float, n_tokens: int, top: int) -> str:
     for k, (ms, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {k} | {ms:.2f} | {count} | {100 * ms / total:.1f}% |")
     lines.append(f"| between nodes | {between:.2f} | | {100 * between / total:.1f}% |")
+    rows = sum(n.get("rows", 0) for n in nodes)
+    if rows:
+        kept = sum(n.get("kept", 0) for n in nodes)
+        lines.append(f"\nrows in CPU memory gathered for the GPU: {kept} of {rows} ({100 * kept / rows:.1f}%: "
+                     "the union of the rows the ubatch's tokens select)")
     lines += ["", f"slowest {top} nodes (ms, ms before it):"]
     for n in sorted(nodes, key=lambda n: -(n["ms"] + n["before_ms"]))[:top]:
         lines.append(f"  {n['ms']:8.3f} {n['before_ms']:8.3f}  {n['op']:<14} {n['name']:<28} [{n['buffer']}]")

@@ -11,7 +11,7 @@ extern "C" {
 #endif
 
     // Version of the API declared in this header; bumped when a function is added or changed.
-    #define LLAMA_PI_API_VERSION 6
+    #define LLAMA_PI_API_VERSION 7
 
     LLAMA_API int32_t llama_pi_api_version(void);
 
@@ -49,10 +49,11 @@ extern "C" {
     // llama_model_params.no_alloc the model is planned and not loaded: the placement is the plan.
     struct llama_pi_layer_placement {
         int32_t n_rows;   // FFN neurons of the layer
-        int32_t gpu_rows; // of those, rows held in GPU memory (the hottest; the rest in CPU memory)
-        int32_t attn_gpu; // 1 when the layer's attention (and KV cache) is on the GPU
+        int32_t gpu_rows; // of those, rows held in a GPU's memory (the hottest; the rest in CPU memory)
+        int32_t attn_gpu; // 1 when the layer's attention (and KV cache) is on a GPU
         int32_t split;    // 1 when the FFN is two parts: rows [0, h) and [h, n_rows)
         int32_t dev_rows; // h: rows planned with the layer on its device (n_rows when not split)
+        char    device[32]; // the device holding its attention: "CPU" (this host's), "CUDA0", "RPC1", ... (v7)
     };
 
     // 0 and *out filled; -1 when the model has no sparse layout or il is out of range.

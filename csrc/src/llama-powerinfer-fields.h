@@ -33,6 +33,10 @@ struct llama_pi_hparams {
     // hot rows) and its cold rows [dev_rows[il], n_ff) in CPU memory. Without a plan: n_ff (whole).
     bool placed = false;
     std::array<uint32_t, LLAMA_MAX_LAYERS> dev_rows = {};
+    // with budgets over several devices (split_devices): the layers each of llama.cpp's devices
+    // takes, as its tensor_split (llama_max_devices() long; the output layer counts one)
+    bool split_devices = false;
+    std::array<float, 16> dev_split = {};
 };
 
 // A layer's tensors of our layout, and what its sparse FFN did.

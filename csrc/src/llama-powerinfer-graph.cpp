@@ -70,45 +70,71 @@ struct pi_ffn_part {
 // predictor's selection.
 enum pi_way { PI_WAY_SPARSE, PI_WAY_DENSE, PI_WAY_DENSE_GPU };
 
-static bool pi_in_gpu_memory(const ggml_tensor * w) {
-    return w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
-}
-
-// The GPU that runs the nodes of a weight in GPU memory (the scheduler's first backend), else null
-static ggml_backend_t pi_weight_gpu(const llm_graph_context & g, const ggml_tensor * w) {
-    return pi_in_gpu_memory(w) && g.sched != nullptr ? ggml_backend_sched_get_backend(g.sched, 0) : nullptr;
-}
-
-// The GPU that takes a large ubatch's work on CPU-resident weights: the scheduler's first backend
-// when it is a GPU that wants the mul_mat w x of this many tokens (its own offload rule, e.g.
-// CUDA's 32 tokens), and the context allows offloading (op_offload); else null.
-static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * x) {
-    if (!g.cparams.op_offload || g.sched == nullptr || ggml_backend_sched_get_n_backends(g.sched) < 2) {
+// The device whose memory holds w: null for host memory (the local CPU's, pinned or not)
+static ggml_backend_dev_t pi_rows_device(const ggml_tensor * w) {
+    if (w->buffer == nullptr || ggml_backend_buffer_is_host(w->buffer)) {
         return nullptr;
     }
-    ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, 0);
-    const enum ggml_backend_dev_type t = ggml_backend_dev_type(ggml_backend_get_device(b));
-    if (t != GGML_BACKEND_DEVICE_TYPE_GPU && t != GGML_BACKEND_DEVICE_TYPE_IGPU) {
+    return ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+}
+
+// The scheduler's backend on a device, else null
+static ggml_backend_t pi_sched_backend(const llm_graph_context & g, ggml_backend_dev_t dev) {
+    for (int i = 0; g.sched != nullptr && i < ggml_backend_sched_get_n_backends(g.sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, i);
+        if (ggml_backend_get_device(b) == dev) {
+            return b;
+        }
+    }
+    return nullptr;
+}
+
+// The GPU that runs the nodes of a weight in its memory (local or on an RPC host), else null
+static ggml_backend_t pi_weight_gpu(const llm_graph_context & g, const ggml_tensor * w) {
+    ggml_backend_dev_t dev = pi_rows_device(w);
+    return dev != nullptr && llama_pi_dev_is_gpu(dev) ? pi_sched_backend(g, dev) : nullptr;
+}
+
+// The GPU that takes a large ubatch's work on CPU-resident weights: as llama.cpp's scheduler picks
+// one for an op on weights in host memory, the first of its backends that is a GPU and wants the
+// mul_mat w x of this many tokens (its own offload rule, e.g. CUDA's 32 tokens), when the context
+// allows offloading (op_offload); else null.
+static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * w, ggml_tensor * x) {
+    if (!g.cparams.op_offload || g.sched == nullptr) {
         return nullptr;
     }
     llama_pi_probe_ctx probe_ctx;
     ggml_tensor * probe = ggml_mul_mat(probe_ctx.ctx, w, x); // not in the graph: only asks the GPU
-    return ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe) ? b : nullptr;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(g.sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, i);
+        if (llama_pi_dev_is_gpu(ggml_backend_get_device(b)) && ggml_backend_supports_op(b, probe) &&
+            ggml_backend_offload_op(b, probe)) {
+            return b;
+        }
+    }
+    return nullptr;
 }
 
-static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, ggml_tensor * cur) {
+// The way of a part for this ubatch, and the GPU that takes it when it runs dense on a GPU with
+// its rows in CPU memory. By what holds the rows: a GPU runs small ubatches sparse and larger ones
+// dense; a CPU (this host's or an RPC host's) runs the sparse op, whose kernel picks pairs or tiles,
+// unless a GPU here takes a large ubatch over rows in this host's memory.
+static pi_way pi_choose_way(const llm_graph_context & g, const pi_ffn_part & p, ggml_tensor * cur, ggml_backend_t & gpu) {
     const llama_pi_hparams & pi = g.hparams.pi;
     const int64_t n_tokens = cur->ne[1];
+    gpu = nullptr;
     if (!pi.rt_sparse || pi.rt_way == LLAMA_PI_WAY_DENSE) {
         return PI_WAY_DENSE;
     }
     if (pi.rt_way != LLAMA_PI_WAY_AUTO) {
         return PI_WAY_SPARSE; // pairs or tiles: the op everywhere (a GPU's kernel has one way)
     }
-    if (pi_in_gpu_memory(p.gate)) {
-        return n_tokens <= PI_GPU_SPARSE_MAX_TOKENS ? PI_WAY_SPARSE : PI_WAY_DENSE;
+    ggml_backend_dev_t dev = pi_rows_device(p.gate);
+    if (dev != nullptr) {
+        return llama_pi_dev_is_gpu(dev) && n_tokens > PI_GPU_SPARSE_MAX_TOKENS ? PI_WAY_DENSE : PI_WAY_SPARSE;
     }
-    return pi_offload_gpu(g, p.gate, cur) ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
+    gpu = pi_offload_gpu(g, p.gate, cur);
+    return gpu ? PI_WAY_DENSE_GPU : PI_WAY_SPARSE;
 }
 
 // Whether the GPU reads w's rows where they lie (its pinned host memory), so that a gather moves
@@ -255,7 +281,8 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
         const int64_t n_rows = p.gate->ne[1];
         ggml_tensor * part_score = score == nullptr || parts.size() == 1 ? score :
             ggml_view_2d(ctx0, score, n_rows, n_tokens, score->nb[1], p.r0 * sizeof(float));
-        const pi_way way = pi_choose_way(g, p, cur);
+        ggml_backend_t gpu = nullptr;
+        const pi_way way = pi_choose_way(g, p, cur, gpu);
         ggml_tensor * part_out;
         if (way == PI_WAY_SPARSE) {
             part_out = ggml_pi_sparse_ffn(ctx0, cur, p.gate, p.up, p.down_t, part_score,
@@ -263,7 +290,7 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
                                           p.r0 == 0 ? layer.pi.counters : layer.pi.counters_cold);
             g.cb(part_out, "ffn_pi_sparse", il);
         } else if (way == PI_WAY_DENSE_GPU) {
-            part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, ggml_backend_sched_get_backend(g.sched, 0));
+            part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, gpu);
         } else {
             part_out = pi_build_dense_part(g, cur, p, part_score, layer, il, nullptr, false);
         }

@@ -30,6 +30,7 @@ struct llama_model;
 #define LLAMA_PI_KEY_RT_VRAM_RESERVE  "powerinfer.runtime.vram_reserve"      // int bytes for compute buffers (default: estimated)
 #define LLAMA_PI_KEY_RT_SPLIT_COST_US "powerinfer.runtime.split_cost_us"     // int, per-layer CPU hand-off cost, default 70
 #define LLAMA_PI_KEY_RT_PLAN_NO_GPU   "powerinfer.runtime.plan_without_gpu"  // bool: plan a budget with no GPU (tests)
+#define LLAMA_PI_KEY_RT_DEVICE_BUDGETS "powerinfer.runtime.device_budgets"   // str "NAME=BYTES,..." (-1: auto): a budget per device
 
 // FFN activations of LLaMA-family models (powerinfer_gguf/format.py ACTIVATIONS).
 enum llama_pi_act : uint32_t {
@@ -74,8 +75,14 @@ void llama_pi_load_ffn_act(llama_model_loader & ml, llama_hparams & hparams);
 void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams);
 
 // A run-time int / bool key: a kv override of that name wins, then the file's key, else def.
-int64_t llama_pi_runtime_int(const llama_model_loader & ml, const char * key, int64_t def);
-bool    llama_pi_runtime_bool(const llama_model_loader & ml, const char * key, bool def);
+int64_t     llama_pi_runtime_int(const llama_model_loader & ml, const char * key, int64_t def);
+bool        llama_pi_runtime_bool(const llama_model_loader & ml, const char * key, bool def);
+std::string llama_pi_runtime_str(const llama_model_loader & ml, const char * key, const char * def);
+
+// What a device is. Every RPC device calls itself a GPU (llama.cpp gives layers to GPUs only);
+// its server says what it is (patches/0008): a remote CPU runs the sparse op as the local one does.
+enum ggml_backend_dev_type llama_pi_dev_kind(ggml_backend_dev_t dev);
+bool llama_pi_dev_is_gpu(ggml_backend_dev_t dev);
 
 // Placement under a VRAM budget (llama-powerinfer-placement.cpp). Runs in load_tensors before any
 // buffer is made: reads each layer's neuron frequencies from the file, decides how many layers run

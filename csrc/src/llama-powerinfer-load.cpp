@@ -84,8 +84,7 @@ int64_t llama_pi_runtime_int(const llama_model_loader & ml, const char * key, in
     }
 }
 
-// A run-time string key: a kv override (str:) wins, then the file's key, else def.
-static std::string pi_runtime_str(const llama_model_loader & ml, const char * key, const char * def) {
+std::string llama_pi_runtime_str(const llama_model_loader & ml, const char * key, const char * def) {
     if (const auto * o = pi_override(ml, key, LLAMA_KV_OVERRIDE_TYPE_STR, "a string")) {
         return o->val_str;
     }
@@ -94,7 +93,7 @@ static std::string pi_runtime_str(const llama_model_loader & ml, const char * ke
 
 static uint32_t pi_runtime_way(const llama_model_loader & ml) {
     static const char * names[] = { "auto", "pairs", "tiles", "dense" }; // enum llama_pi_way
-    const std::string way = pi_runtime_str(ml, LLAMA_PI_KEY_RT_WAY, "auto");
+    const std::string way = llama_pi_runtime_str(ml, LLAMA_PI_KEY_RT_WAY, "auto");
     for (uint32_t i = 0; i < std::size(names); ++i) {
         if (way == names[i]) {
             return i;

@@ -47,20 +47,56 @@ static bool pi_gpu_reads_rows(ggml_backend_dev_t gpu, const ggml_tensor * gate, 
     return ggml_backend_dev_supports_op(gpu, op);
 }
 
+enum ggml_backend_dev_type llama_pi_dev_kind(ggml_backend_dev_t dev) {
+    using remote_type_fn = enum ggml_backend_dev_type (*)(ggml_backend_dev_t);
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    auto remote = reg ? (remote_type_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_device_remote_type") : nullptr;
+    return remote ? remote(dev) : ggml_backend_dev_type(dev);
+}
+
+bool llama_pi_dev_is_gpu(ggml_backend_dev_t dev) {
+    const enum ggml_backend_dev_type kind = llama_pi_dev_kind(dev);
+    return kind == GGML_BACKEND_DEVICE_TYPE_GPU || kind == GGML_BACKEND_DEVICE_TYPE_IGPU;
+}
+
+static bool pi_dev_is_remote(ggml_backend_dev_t dev) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    return reg && ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_device_remote_type") != nullptr;
+}
+
+// The GPU a single budget is for: the first local one, else the first on an RPC host
+template <typename It, typename Dev>
+static ggml_backend_dev_t pi_the_gpu(It first, It last, Dev dev_of) {
+    ggml_backend_dev_t remote = nullptr;
+    for (It it = first; it != last; ++it) {
+        ggml_backend_dev_t d = dev_of(*it);
+        if (d == nullptr || ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU || !llama_pi_dev_is_gpu(d)) {
+            continue;
+        }
+        if (!pi_dev_is_remote(d)) {
+            return d;
+        }
+        remote = remote ? remote : d;
+    }
+    return remote;
+}
+
 int64_t llama_pi_auto_budget(size_t free, size_t total) {
     return (int64_t) free - ((512ll << 20) + (int64_t) (total / 50));
 }
 
 int64_t llama_pi_auto_vram_budget(void) {
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t d = ggml_backend_dev_get(i);
-        if (ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_GPU) {
-            size_t free = 0, total = 0;
-            ggml_backend_dev_memory(d, &free, &total);
-            return std::max<int64_t>(0, llama_pi_auto_budget(free, total));
-        }
+    std::vector<ggml_backend_dev_t> all(ggml_backend_dev_count());
+    for (size_t i = 0; i < all.size(); ++i) {
+        all[i] = ggml_backend_dev_get(i);
     }
-    return -1;
+    ggml_backend_dev_t gpu = pi_the_gpu(all.begin(), all.end(), [](ggml_backend_dev_t d) { return d; });
+    if (gpu == nullptr) {
+        return -1;
+    }
+    size_t free = 0, total = 0;
+    ggml_backend_dev_memory(gpu, &free, &total);
+    return std::max<int64_t>(0, llama_pi_auto_budget(free, total));
 }
 
 void llama_pi_split_weight(llama_model_loader & ml, const std::string & name, const std::string & cold_name, int64_t rows) {
@@ -98,35 +134,123 @@ void llama_pi_split_weight(llama_model_loader & ml, const std::string & name, co
     ml.n_tensors++;
 }
 
-// The budget in bytes from powerinfer.runtime.vram_budget (-1: auto) and the GPU; errors by name.
-static int64_t pi_budget_bytes(const llama_model_loader & ml, ggml_backend_dev_t gpu, int64_t budget_in) {
+// A device's part of a plan: its budget and what it is; then the layers it takes
+struct pi_device_share {
+    ggml_backend_dev_t dev;      // null: a plan made without a GPU (plan_without_gpu, tests)
+    int64_t budget   = 0;        // bytes
+    bool    is_auto  = false;
+    bool    gpu      = true;     // a GPU: its layers' hottest rows with them, the rest in CPU memory;
+                                 // else (an RPC host's CPU) whole layers, rows and all
+    int     n_layers = 0;        // as llama.cpp counts them (the output layer is one)
+};
+
+static std::string pi_dev_label(ggml_backend_dev_t dev) {
+    if (dev == nullptr) {
+        return "the GPU";
+    }
+    std::string label = ggml_backend_dev_name(dev);
+    if (pi_dev_is_remote(dev)) {
+        label += std::string(" (") + ggml_backend_dev_description(dev) + ", " +
+                 (llama_pi_dev_is_gpu(dev) ? "GPU" : "CPU") + ")";
+    }
+    return label;
+}
+
+// One device's budget in bytes from what was given (-1: auto), checked against its memory
+static int64_t pi_budget_of(ggml_backend_dev_t dev, int64_t given, const std::string & what) {
+    if (given < -1) {
+        throw std::runtime_error("powerinfer: " + what + " = " + std::to_string(given) + " (give bytes >= 0, or -1 for auto)");
+    }
+    size_t free = 0, total = 0;
+    if (dev != nullptr) {
+        ggml_backend_dev_memory(dev, &free, &total);
+    } else if (given == -1) {
+        throw std::runtime_error("powerinfer: " + what + " auto needs a GPU");
+    }
+    if (given == -1) {
+        const int64_t budget = llama_pi_auto_budget(free, total);
+        if (budget <= 0) {
+            throw std::runtime_error("powerinfer: " + what + " auto: " + pi_dev_label(dev) + " has only " + pi_gib((double) free) + " free");
+        }
+        return budget;
+    }
+    if (total > 0 && (size_t) given > total) {
+        throw std::runtime_error("powerinfer: " + what + " " + pi_gib((double) given) + " exceeds " + pi_dev_label(dev) + "'s " +
+                                 pi_gib((double) total));
+    }
+    return given;
+}
+
+// powerinfer.runtime.vram_budget: one budget, for the GPU (the first local one, else the first on
+// an RPC host); llama.cpp's other devices take no layers.
+static std::vector<pi_device_share> pi_gpu_budget(const llama_model_base & model, const llama_model_loader & ml, int64_t budget_in) {
     if (budget_in < -1) {
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_VRAM_BUDGET " = " + std::to_string(budget_in) +
                                  " (give bytes >= 0, or -1 for auto)");
     }
-    if (gpu == nullptr && !llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_PLAN_NO_GPU, false)) {
-        throw std::runtime_error("powerinfer: a VRAM budget was given but llama.cpp has no GPU device "
-                                 "(a CPU-only build, or no GPU found); use a budget of 0");
+    std::vector<pi_device_share> shares;
+    for (const auto & d : model.devices) {
+        shares.push_back({ d.is_meta ? nullptr : d.dev });
     }
-    // (plan_without_gpu, tests: the plan is made and logged; with no GPU every part stays on the CPU)
-    size_t free = 0, total = 0;
-    if (gpu != nullptr) {
-        ggml_backend_dev_memory(gpu, &free, &total);
-    } else if (budget_in == -1) {
-        throw std::runtime_error("powerinfer: vram_budget auto needs a GPU");
-    }
-    if (budget_in == -1) {
-        const int64_t budget = llama_pi_auto_budget(free, total);
-        if (budget <= 0) {
-            throw std::runtime_error("powerinfer: vram_budget auto: the GPU has only " + pi_gib((double) free) + " free");
+    ggml_backend_dev_t gpu = pi_the_gpu(model.devices.begin(), model.devices.end(),
+                                        [](const auto & d) { return d.is_meta ? nullptr : d.dev; });
+    if (gpu == nullptr) {
+        if (!llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_PLAN_NO_GPU, false)) {
+            throw std::runtime_error("powerinfer: a VRAM budget was given but llama.cpp has no GPU device "
+                                     "(a CPU-only build, or no GPU found; an RPC host's CPU takes a budget of its own, "
+                                     LLAMA_PI_KEY_RT_DEVICE_BUDGETS "); use a budget of 0");
         }
-        return budget;
+        // (plan_without_gpu, tests: the plan is made and logged; with no GPU every part stays on the CPU)
+        return { { nullptr, pi_budget_of(nullptr, budget_in, "vram_budget"), budget_in == -1, true } };
     }
-    if (total > 0 && (size_t) budget_in > total) {
-        throw std::runtime_error("powerinfer: vram_budget " + pi_gib((double) budget_in) + " exceeds the GPU's " +
-                                 pi_gib((double) total));
+    for (auto & s : shares) {
+        if (s.dev == gpu) {
+            s.budget = pi_budget_of(gpu, budget_in, "vram_budget");
+            s.is_auto = budget_in == -1;
+        }
     }
-    return budget_in;
+    return shares;
+}
+
+// powerinfer.runtime.device_budgets, "NAME=BYTES,NAME=BYTES" (-1: auto): a budget per device by its
+// ggml name (CUDA0, RPC1, ...); a device not named takes no layers.
+static std::vector<pi_device_share> pi_device_budgets(const llama_model_base & model, const std::string & spec) {
+    std::vector<pi_device_share> shares;
+    std::string names;
+    for (const auto & d : model.devices) {
+        shares.push_back({ d.is_meta ? nullptr : d.dev });
+        names += (names.empty() ? "" : ", ") + (d.is_meta ? std::string("(meta)") : pi_dev_label(d.dev));
+    }
+    std::vector<bool> seen(shares.size(), false);
+    size_t pos = 0;
+    while (pos <= spec.size()) {
+        const size_t end = std::min(spec.find(',', pos), spec.size());
+        const std::string item = spec.substr(pos, end - pos);
+        const size_t eq = item.find('=');
+        char * num_end = nullptr;
+        const long long bytes = eq == std::string::npos ? 0 : strtoll(item.c_str() + eq + 1, &num_end, 10);
+        if (eq == std::string::npos || eq == 0 || num_end == item.c_str() + eq + 1 || *num_end != '\0') {
+            throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_DEVICE_BUDGETS ": '" + item + "' is not NAME=BYTES");
+        }
+        const std::string name = item.substr(0, eq);
+        size_t i = 0;
+        while (i < shares.size() && !(shares[i].dev && name == ggml_backend_dev_name(shares[i].dev))) {
+            ++i;
+        }
+        if (i == shares.size()) {
+            throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_DEVICE_BUDGETS ": no device " + name + " (this model's devices: " +
+                                     (names.empty() ? "none" : names) + ")");
+        }
+        if (seen[i]) {
+            throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_DEVICE_BUDGETS ": " + name + " is given twice");
+        }
+        seen[i] = true;
+        shares[i].budget  = pi_budget_of(shares[i].dev, bytes, std::string("the budget of ") + name);
+        shares[i].is_auto = bytes == -1;
+        shares[i].gpu     = llama_pi_dev_is_gpu(shares[i].dev);
+        pos = end + 1;
+    }
+    return shares;
 }
 
 // What each layer reads whole (weights other than FFN rows, plus its KV cache for n_ctx tokens),
@@ -222,32 +346,39 @@ static int64_t pi_compute_reserve(const llama_model_base & model, const llama_mo
     return reserve;
 }
 
-static void pi_log_plan(const llama_pi_plan_result & res, int64_t budget, bool is_auto, int n_layer, int64_t n_ctx,
+static void pi_log_plan(const pi_device_share & d, const llama_pi_plan_result & res, int first, int n_layer, int64_t n_ctx,
                         int64_t reserve, const llama_hparams & hp) {
-    LLAMA_LOG_INFO("%s: powerinfer: VRAM budget %s%s: %d of %d layers on the GPU (attention, predictor, KV for %" PRId64
-                   " tokens)%s, %s; hot FFN rows %s (%.1f%% of the offloaded layers' activation mass); compute reserve %s\n",
-                   __func__, pi_gib((double) budget).c_str(), is_auto ? " (auto)" : "",
-                   res.n_layers_gpu, n_layer, n_ctx, res.n_gpu_layers >= 1 ? " + output" : "", pi_gib((double) res.fixed_bytes).c_str(),
-                   pi_gib((double) res.rows_bytes).c_str(), 100.0 * res.mass_share, pi_gib((double) reserve).c_str());
-    std::string line;
-    for (int il = n_layer - res.n_layers_gpu; il < n_layer; ++il) {
-        line += std::to_string(il) + ":" + std::to_string(hp.pi.dev_rows[il]) + (il + 1 < n_layer ? " " : "");
+    const int last = first + res.n_layers_gpu - 1;
+    const std::string layers = res.n_layers_gpu == 0 ? "no layers" :
+        "layers " + std::to_string(first) + "-" + std::to_string(last) + " of " + std::to_string(n_layer);
+    const bool output = d.n_layers > res.n_layers_gpu;
+    LLAMA_LOG_INFO("%s: powerinfer: %s budget %s%s: %s (attention, predictor, KV for %" PRId64 " tokens%s)%s, %s; ",
+                   __func__, pi_dev_label(d.dev).c_str(), pi_gib((double) d.budget).c_str(), d.is_auto ? " (auto)" : "",
+                   layers.c_str(), n_ctx, d.gpu ? "" : ", all FFN rows", output ? " + output" : "", pi_gib((double) res.fixed_bytes).c_str());
+    if (d.gpu) {
+        LLAMA_LOG_CONT("hot FFN rows %s (%.1f%% of these layers' activation mass); ", pi_gib((double) res.rows_bytes).c_str(),
+                       100.0 * res.mass_share);
     }
-    LLAMA_LOG_INFO("%s: powerinfer: GPU rows per layer (of %u) %s\n", __func__, hp.n_ff(0), line.c_str());
+    LLAMA_LOG_CONT("compute reserve %s\n", pi_gib((double) reserve).c_str());
+    if (!d.gpu || res.n_layers_gpu == 0) {
+        return;
+    }
+    std::string line;
+    for (int il = first; il <= last; ++il) {
+        line += std::to_string(il) + ":" + std::to_string(hp.pi.dev_rows[il]) + (il < last ? " " : "");
+    }
+    LLAMA_LOG_INFO("%s: powerinfer: %s rows per layer (of %u) %s\n", __func__, pi_dev_label(d.dev).c_str(), hp.n_ff(0), line.c_str());
 }
 
-// Plans a budget: fills hparams.pi.dev_rows, returns n_gpu_layers.
-static int pi_plan_budget(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers, int64_t budget_in) {
-    llama_hparams & hp = model.hparams;
-    const int n_layer = (int) hp.n_layer();
-    ggml_backend_dev_t gpu = nullptr;
-    for (const auto & d : model.devices) {
-        if (!d.is_meta && ggml_backend_dev_type(d.dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-            gpu = d.dev;
-            break;
-        }
-    }
-    const int64_t budget = pi_budget_bytes(ml, gpu, budget_in);
+// The plan's settings that hold for every device
+struct pi_plan_setting {
+    int64_t n_ctx;      // KV cache reserved for this many tokens
+    int64_t split_us;   // a split layer's hand-off per token
+    size_t  out_bytes;  // the output layer and its norm
+};
+
+static pi_plan_setting pi_plan_settings(const llama_model_base & model, const llama_model_loader & ml) {
+    const llama_hparams & hp = model.hparams;
     const int64_t n_ctx = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_CTX, std::max<int64_t>(1, std::min<int64_t>(4096, hp.n_ctx_train)));
     if (n_ctx < 1 || n_ctx > (1 << 24)) {
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_VRAM_CTX " = " + std::to_string(n_ctx) + " is outside 1..16777216");
@@ -256,26 +387,76 @@ static int pi_plan_budget(llama_model_base & model, llama_model_loader & ml, int
     if (split_us < 0 || split_us > 1000000) {
         throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_SPLIT_COST_US " = " + std::to_string(split_us) + " is outside 0..1000000");
     }
-    std::vector<std::vector<float>> freq;
-    const std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, n_ctx, gpu, freq);
-    const int64_t reserve = pi_compute_reserve(model, ml, n_ctx, gpu);
     size_t out_bytes = pi_bytes_of(ml, "output_norm.weight");
     out_bytes += ml.get_tensor_meta("output.weight") ? pi_bytes_of(ml, "output.weight") : pi_bytes_of(ml, "token_embd.weight");
+    return { n_ctx, split_us, out_bytes };
+}
 
-    const llama_pi_plan_params params = { out_bytes, budget - reserve, n_gpu_layers, split_us };
-    const llama_pi_plan_result res = llama_pi_plan_layers(cost.data(), n_layer, params);
-    if (res.n_gpu_layers < 0) {
-        throw std::runtime_error("powerinfer: vram_budget " + pi_gib((double) budget) + " cannot hold the output layer (" +
-                                 pi_gib((double) out_bytes) + ") plus " + pi_gib((double) reserve) +
-                                 " of compute buffers: give at least " + pi_gib((double) (reserve + out_bytes + cost[n_layer - 1].base_bytes)) +
-                                 ", or 0 for CPU-only");
+// One device's layers: whole layers from layer n_left - 1 down (the output layer first when
+// `output`), then, on a GPU, the hottest rows of those layers. Fills their dev_rows; returns the
+// layers taken (not counting the output).
+static int pi_plan_device(llama_model_base & model, llama_model_loader & ml, pi_device_share & d, int n_left, bool output,
+                          int cap, const pi_plan_setting & set) {
+    llama_hparams & hp = model.hparams;
+    std::vector<std::vector<float>> freq;
+    std::vector<llama_pi_plan_layer> cost = pi_layer_costs(model, ml, set.n_ctx, d.gpu ? d.dev : nullptr, freq);
+    if (!d.gpu) { // a CPU's layers keep their rows: part of what each layer costs it
+        for (auto & c : cost) {
+            c.base_bytes += c.row_bytes * (uint64_t) c.n_rows;
+            c.gpu_rows = 0;
+        }
     }
-    for (int il = 0; il < n_layer; ++il) {
-        hp.pi.dev_rows[il] = (uint32_t) res.dev_rows[il];
+    const int64_t reserve = pi_compute_reserve(model, ml, set.n_ctx, d.gpu ? d.dev : nullptr);
+    const llama_pi_plan_params params = { output ? set.out_bytes : 0, d.budget - reserve, cap, set.split_us };
+    const llama_pi_plan_result res = llama_pi_plan_layers(cost.data(), n_left, params);
+    if (res.n_gpu_layers < 0) {
+        throw std::runtime_error("powerinfer: the budget of " + pi_dev_label(d.dev) + ", " + pi_gib((double) d.budget) +
+                                 ", cannot hold the output layer (" + pi_gib((double) set.out_bytes) + ") plus " +
+                                 pi_gib((double) reserve) + " of compute buffers: give at least " +
+                                 pi_gib((double) (reserve + set.out_bytes + cost[n_left - 1].base_bytes)) + ", or 0 for CPU-only");
+    }
+    const int first = n_left - res.n_layers_gpu;
+    for (int il = first; il < n_left; ++il) {
+        hp.pi.dev_rows[il] = (uint32_t) (d.gpu ? res.dev_rows[il] : hp.n_ff(il));
+    }
+    d.n_layers = res.n_layers_gpu + (output ? 1 : 0);
+    pi_log_plan(d, res, first, (int) hp.n_layer(), set.n_ctx, reserve, hp);
+    return res.n_layers_gpu;
+}
+
+// Plans the budgets, devices from the last (llama.cpp gives them layers in order, the output layer
+// to the last): fills hparams.pi.dev_rows and, with several devices, the layers each takes
+// (hparams.pi.dev_split, llama.cpp's tensor_split). Returns n_gpu_layers.
+static int pi_plan_budgets(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers, std::vector<pi_device_share> & shares) {
+    llama_hparams & hp = model.hparams;
+    const pi_plan_setting set = pi_plan_settings(model, ml);
+    int n_left = (int) hp.n_layer(), total = 0;
+    for (int i = (int) shares.size() - 1; i >= 0; --i) {
+        if (shares[i].budget <= 0) {
+            continue;
+        }
+        const int cap = n_gpu_layers < 0 ? -1 : std::max(0, n_gpu_layers - total) + (total > 0 ? 1 : 0);
+        n_left -= pi_plan_device(model, ml, shares[i], n_left, total == 0, cap, set);
+        total += shares[i].n_layers;
     }
     hp.pi.placed = true;
-    pi_log_plan(res, budget, budget_in == -1, n_layer, n_ctx, reserve, hp);
-    return res.n_gpu_layers;
+    if (shares.size() > 1 && total > 0) {
+        if (model.split_mode() != LLAMA_SPLIT_MODE_LAYER) {
+            throw std::runtime_error("powerinfer: a budget over several devices places whole layers: use split mode layer");
+        }
+        const float * given = model.tensor_split();
+        if (given && std::any_of(given, given + shares.size(), [](float x) { return x != 0.0f; })) {
+            LLAMA_LOG_WARN("%s: powerinfer: the budgets decide each device's layers: tensor_split is not used\n", __func__);
+        }
+        if (shares.size() > hp.pi.dev_split.size()) {
+            throw std::runtime_error("powerinfer: budgets over more than " + std::to_string(hp.pi.dev_split.size()) + " devices");
+        }
+        for (size_t i = 0; i < shares.size(); ++i) {
+            hp.pi.dev_split[i] = (float) shares[i].n_layers;
+        }
+        hp.pi.split_devices = true;
+    }
+    return total;
 }
 
 // Splits the loader's view of each split layer's row tensors, before create_tensor sizes its
@@ -315,12 +496,22 @@ int llama_pi_plan_placement(llama_model_base & model, llama_model_loader & ml, i
         return n_gpu_layers;
     }
     const int64_t budget_in = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_BUDGET, INT64_MIN);
+    const std::string per_device = llama_pi_runtime_str(ml, LLAMA_PI_KEY_RT_DEVICE_BUDGETS, "");
     const int64_t forced    = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_DEV_ROWS, -1);
+    if (budget_in != INT64_MIN && !per_device.empty()) {
+        throw std::runtime_error("powerinfer: give " LLAMA_PI_KEY_RT_VRAM_BUDGET " or " LLAMA_PI_KEY_RT_DEVICE_BUDGETS ", not both");
+    }
     int ngl = n_gpu_layers;
-    if (budget_in == 0) {
+    hp.pi.split_devices = false;
+    hp.pi.dev_split.fill(0.0f);
+    if (!per_device.empty()) {
+        std::vector<pi_device_share> shares = pi_device_budgets(model, per_device);
+        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares);
+    } else if (budget_in == 0) {
         ngl = 0;
     } else if (budget_in != INT64_MIN) {
-        ngl = pi_plan_budget(model, ml, n_gpu_layers, budget_in);
+        std::vector<pi_device_share> shares = pi_gpu_budget(model, ml, budget_in);
+        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares);
     }
     if (forced >= 0) {
         // tests: the same split in every layer, whatever the devices (both parts on the CPU without a GPU)

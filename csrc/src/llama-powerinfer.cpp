@@ -83,8 +83,13 @@ int32_t llama_pi_get_layer_placement(const struct llama_model * model, int32_t i
         return -1;
     }
     const llama_layer & l = model->layers[il];
-    auto on_gpu = [](const ggml_tensor * t) {
-        return t && t->buffer && !ggml_backend_buffer_is_host(t->buffer);
+    auto device = [](const ggml_tensor * t) -> ggml_backend_dev_t {
+        return t && t->buffer && !ggml_backend_buffer_is_host(t->buffer) ?
+            ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer)) : nullptr;
+    };
+    auto on_gpu = [&](const ggml_tensor * t) {
+        ggml_backend_dev_t dev = device(t);
+        return dev != nullptr && llama_pi_dev_is_gpu(dev);
     };
     auto rows = [](const ggml_tensor * t) { return t ? t->ne[1] : 0; };
     out->n_rows    = (int32_t) model->hparams.n_ff(il);
@@ -92,5 +97,6 @@ int32_t llama_pi_get_layer_placement(const struct llama_model * model, int32_t i
     out->attn_gpu  = on_gpu(l.wo) ? 1 : 0;
     out->split     = l.pi.ffn_gate_cold != nullptr ? 1 : 0;
     out->dev_rows  = (int32_t) model->hparams.pi.dev_rows[il];
+    snprintf(out->device, sizeof(out->device), "%s", device(l.wo) ? ggml_backend_dev_name(device(l.wo)) : "CPU");
     return 0;
 }
