@@ -7,14 +7,18 @@ user gets a one-line error naming the host instead. Written by hand: no library 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import struct
+import subprocess
+import time
 
 # patches/0008-rpc-protocol.patch: the patched build's protocol major (stock llama.cpp's is 7)
 PATCHED_PROTOCOL_MAJOR = 108
 _CMD_HELLO = 14       # ggml-rpc.cpp: "RPC_CMD_HELLO must be always 14", in every protocol version
+_CMD_DEVICE_COUNT = 15  # the next one, in stock's protocol 7 and ours
 _CONN_CAPS_SIZE = 24  # transport.h: the transports a peer offers; all zero = plain TCP
 
 _registered: set[str] = set()
@@ -41,8 +45,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def server_version(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]:
-    """The protocol version (major, minor, patch) the rpc-server at HOST:PORT answers HELLO with"""
+def _ask(endpoint: str, device_count: bool, timeout: float = 10.0) -> tuple[int, int, int, int]:
+    """HELLO (and, if asked, DEVICE_COUNT) to the rpc-server at HOST:PORT: major, minor, patch, devices"""
     host, port = parse_endpoint(endpoint)
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
@@ -51,9 +55,26 @@ def server_version(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]
             if size != 4 + _CONN_CAPS_SIZE:
                 raise ConnectionError(f"a HELLO answer of {size} bytes")
             major, minor, patch, _ = _recv_exact(s, 4)
+            _recv_exact(s, _CONN_CAPS_SIZE)
+            n = 0
+            if device_count:
+                s.sendall(struct.pack("<BQ", _CMD_DEVICE_COUNT, 0))
+                if struct.unpack("<Q", _recv_exact(s, 8))[0] != 4:
+                    raise ConnectionError("an unexpected DEVICE_COUNT answer")
+                (n,) = struct.unpack("<I", _recv_exact(s, 4))
     except (OSError, ConnectionError) as e:
         raise RpcError(f"RPC host {endpoint}: no rpc-server answered ({e})") from None
-    return major, minor, patch
+    return major, minor, patch, n
+
+
+def server_version(endpoint: str) -> tuple[int, int, int]:
+    """The protocol version (major, minor, patch) the rpc-server at HOST:PORT answers HELLO with"""
+    return _ask(endpoint, False)[:3]
+
+
+def device_count(endpoint: str) -> int:
+    """How many devices the rpc-server at HOST:PORT offers (either build's)"""
+    return _ask(endpoint, True)[3]
 
 
 def check_server(endpoint: str) -> None:
@@ -112,3 +133,28 @@ def device_name(label: str, known: list[tuple[str, str]]) -> str:
         raise RpcError(f"RPC host {label} has devices {', '.join(on_host)}: give each its own budget by name")
     raise RpcError(f"no device {label} (devices: {', '.join(f'{n} ({d})' for n, d in known)}; an RPC host "
                    "needs rpc=[HOST:PORT])")
+
+
+@contextlib.contextmanager
+def local_server(binary: str | os.PathLike, threads: int, log_path: str | os.PathLike, timeout: float = 30.0):
+    """A ggml-rpc-server (its CPU device, `threads` threads) on 127.0.0.1 at a free port, standing
+    in for a host; yields its HOST:PORT once it accepts, stops it on exit."""
+    from .serve import free_port
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(binary), "-p", str(port), "-t", str(threads)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RpcError(f"{binary} exited (rc {proc.returncode}); its log: {log_path}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                if time.time() > deadline:
+                    raise RpcError(f"{binary} did not listen within {timeout:.0f} s; its log: {log_path}")
+                time.sleep(0.2)
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

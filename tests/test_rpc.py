@@ -3,13 +3,10 @@ host. The model's layers on the remote run our FFN there and write the local run
 other build is refused at the handshake, as each build speaks its own protocol (patches/0008)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import free_port
@@ -17,30 +14,14 @@ from conftest import free_port
 import pytest
 
 from powerinfer_gguf import build
-from powerinfer_gguf.rpc import PATCHED_PROTOCOL_MAJOR, RpcError, server_version
+from powerinfer_gguf.rpc import PATCHED_PROTOCOL_MAJOR, RpcError, local_server, server_version
 
 PROMPT = "Hello world, this is a test. The quick brown fox"
 
 
-@contextlib.contextmanager
 def rpc_server(side: str, log_path):
     """That side's ggml-rpc-server (CPU, one thread) on a free port; yields the endpoint once it accepts."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(build.bin_path(side, "ggml-rpc-server")), "-p", str(port), "-t", "1"],
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 30
-            while True:
-                assert proc.poll() is None, f"rpc-server exited: {log_path.read_text()[-2000:]}"
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-                assert time.time() < deadline, "rpc-server did not listen within 30 s"
-                time.sleep(0.2)
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    return local_server(build.bin_path(side, "ggml-rpc-server"), 1, log_path)
 
 
 def complete(side: str, model, rpc: str | None = None) -> subprocess.CompletedProcess:
@@ -61,6 +42,23 @@ def test_layers_on_a_remote_host_write_the_local_text(tiny_pi, tmp_path):
     assert remote.returncode == 0, remote.stderr[-2000:]
     assert "layer   0 assigned to device RPC0" in remote.stderr
     assert remote.stdout == local.stdout and len(local.stdout) > len(PROMPT)
+
+
+def test_a_plain_file_is_split_between_hosts_as_stock_splits_it(tiny_pi, tmp_path):
+    """A file without our layout, two hosts and the user's tensor split (-ts 1,3): each layer on the
+    device stock puts it on (our hook sets llama.cpp's split only for budgets per device)."""
+    _, _, twin = tiny_pi
+
+    def layers(side: str) -> list[str]:
+        with rpc_server(side, tmp_path / f"{side}-a.log") as a, rpc_server(side, tmp_path / f"{side}-b.log") as b:
+            r = subprocess.run([str(build.bin_path(side, "llama-completion")), "-m", str(twin), "-p", "Hello", "-n", "1",
+                                "-no-cnv", "--no-warmup", "-t", "1", "-c", "256", "-ngl", "99", "--rpc", f"{a},{b}",
+                                "-ts", "1,3", "-v"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return re.findall(r"layer +\d+ assigned to device \w+", r.stderr)
+
+    ours = layers("patched")
+    assert ours == layers("stock") and any("RPC0" in x for x in ours) and any("RPC1" in x for x in ours)
 
 
 def counters(model, *endpoints: str, budget: str = "0", reserve: int | None = None) -> dict:
@@ -190,3 +188,20 @@ def test_bad_budgets_per_device_are_one_line(tiny_pi, tmp_path, budget, error):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert re.search(error, last), last
+
+
+def test_rpc_bench_times_both_sides_here_and_over_rpc(tiny_pi, tmp_path):
+    """tools/rpc_bench.py: each build's rpc-server started here, the four runs, a table of both"""
+    _, ours, twin = tiny_pi
+    out = tmp_path / "rpc.json"
+    tool = Path(__file__).resolve().parent.parent / "tools" / "rpc_bench.py"
+    r = subprocess.run([sys.executable, str(tool), str(ours), "--stock", str(twin), "-t", "1", "-p", "8", "-n", "4",
+                        "-r", "1", "--hosts", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"\| over RPC \(-ngl 99\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", r.stdout)
+    assert re.search(r"ours: RPC costs a decoded token -?[\d.]+ ms", r.stdout)
+    runs = json.loads(out.read_text())["runs"]
+    assert all(runs[s][w][m][0] > 0 for s in ("ours", "stock") for w in ("here", "rpc") for m in ("pp", "tg"))
+    again = subprocess.run([sys.executable, str(tool), str(ours), "--stock", str(twin), "--json", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and again.stderr.strip().splitlines()[-1] == f"rpc_bench: {out} exists; give a new path"

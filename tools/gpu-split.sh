@@ -34,6 +34,9 @@
 #                              all-GPU against all layers split; thread-pool poll / cpu-strict A/B;
 #                              pi-bench --profile at 0 and BUDGET (CPU kernel ms, GB/s, threads)
 #   tools/gpu-split.sh sweep   13B budget sweep 0-100%, stock and ours (JSON; table/plot made here)
+#   [PRESET=13b] tools/gpu-split.sh rpc
+#                              after synthq: ours against stock over RPC, two local rpc-servers of
+#                              each build (CUDA0 and CPU), tools/rpc_bench.py
 #   tools/gpu-split.sh recheck on a fresh machine: patched build, small model, split-layer check, the
 #                              op's tests on CUDA (test-pi-sparse-ffn, test-backend-ops)
 # Carry .gpu (the source pack: python -m powerinfer_gguf.build pack -o .gpu/llama-src.tar.xz).
@@ -111,7 +114,7 @@ buffers)
     BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-10GiB}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
     $(pi_patched_bin)/llama-bench -m $M/$P.pi.gguf -ngl 99 -lm none -t 16 -p 512 -n 0 -r 1 -v \
         --override-kv powerinfer.runtime.vram_budget=int:$BYTES --override-kv powerinfer.runtime.vram_ctx=int:544 2>&1 \
-        | grep -E "powerinfer: VRAM|compute buffer size|model buffer size|KV buffer size|pp512" | cut -c1-260 | tee "$OUT/$P-buffers.txt"
+        | grep -E "powerinfer: .* budget|compute buffer size|model buffer size|KV buffer size|pp512" | cut -c1-260 | tee "$OUT/$P-buffers.txt"
     el "buffers done"
     ;;
 nodes)
@@ -204,7 +207,7 @@ profile)
     NFF=$(python3 -c "from powerinfer_gguf.synth import PRESETS; print(PRESETS['$P'][1])")
     # everything on the GPU (72 GiB budget), then every layer split with 32 rows on the CPU
     { tg 77309411328; tg 77309411328 --override-kv powerinfer.runtime.dev_rows=int:$((NFF - 32)); } \
-        | grep -E "tg32|powerinfer: VRAM" | cut -c1-220 | tee "$OUT/$P-profile.txt"
+        | grep -E "tg32|powerinfer: .* budget" | cut -c1-220 | tee "$OUT/$P-profile.txt"
     # the CPU part's thread pool between layers: spinning (--poll 100) or sleeping (0) while the
     # GPU works, threads pinned or not (a split layer's CPU op is ~0.4 ms; a wake-up weighs there)
     BYTES=$(python3 -c "from powerinfer_gguf.bench import parse_size, ModelSizes; print(parse_size('${BUDGET:-40%}', ModelSizes.from_gguf('$M/$P.stock.gguf').weight_bytes))")
@@ -242,13 +245,33 @@ check)
     timeout 240 python3 -X faulthandler tools/gpu_split_check.py /tmp/chk.pi.gguf 2>&1 | grep -v "^llama_\|^print_info\|^load\|^gguf" | tee "$OUT/split-check.txt" | tail -40
     el "check done"
     ;;
+rpc)
+    # issue 20 item 4: one client and, of each build, two ggml-rpc-servers on 127.0.0.1 (this
+    # machine's CUDA0, and its CPU), every layer on them by llama.cpp's split, ours against stock
+    # (tools/rpc_bench.py). The Q4_0 pair of PRESET (synthq; an F16 13B would cross the loopback
+    # 26 GB a run)
+    export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
+    SB=$(python3 -c "from powerinfer_gguf.build import build_dir; print(build_dir('stock'))" | tail -1)/bin
+    pids=()
+    for s in "$(pi_patched_bin) 50061 CUDA0" "$(pi_patched_bin) 50062 CPU" "$SB 50063 CUDA0" "$SB 50064 CPU"; do
+        read -r bin port dev <<< "$s"
+        $bin/ggml-rpc-server -p $port -d $dev -t 16 > "$OUT/rpc-server-$port.log" 2>&1 &
+        pids+=($!)
+    done
+    sleep 5
+    python3 tools/rpc_bench.py $M/$P.q4.pi.gguf --stock $M/$P.q4.stock.gguf -t 16 -p 512 -n 32 -r 2 \
+        --rpc 127.0.0.1:50061,127.0.0.1:50062 --stock-rpc 127.0.0.1:50063,127.0.0.1:50064 \
+        --json "$OUT/$P-q4-rpc.json" 2>&1 | tee "$OUT/$P-q4-rpc.txt"
+    kill "${pids[@]}"
+    el "rpc bench done"
+    ;;
 sweep)
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --sweep 0,10%,20%,40%,70%,100% --ttft none \
         -t 16 -p 512 -n 32 -r 1 --json "$OUT/$P-sweep.json" 2>&1 | tee "$OUT/$P-sweep.txt" | grep -v "^\["
     el "sweep done"
     ;;
 *)
-    echo "usage: $0 build|prep|optests|splitcheck|synth|synthq|buffers|nodes|prompt|q4|serve|kernel|head|profile|sweep|recheck|check" >&2
+    echo "usage: $0 build|prep|optests|splitcheck|synth|synthq|buffers|nodes|prompt|q4|serve|kernel|head|profile|sweep|rpc|recheck|check" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,7 @@
 #include "ggml-powerinfer.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cinttypes>
 #include <cmath>
 #include <cstring>
@@ -228,8 +229,9 @@ static std::vector<pi_device_share> pi_device_budgets(const llama_model_base & m
         const std::string item = spec.substr(pos, end - pos);
         const size_t eq = item.find('=');
         char * num_end = nullptr;
+        errno = 0;
         const long long bytes = eq == std::string::npos ? 0 : strtoll(item.c_str() + eq + 1, &num_end, 10);
-        if (eq == std::string::npos || eq == 0 || num_end == item.c_str() + eq + 1 || *num_end != '\0') {
+        if (eq == std::string::npos || eq == 0 || num_end == item.c_str() + eq + 1 || *num_end != '\0' || errno == ERANGE) {
             throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_DEVICE_BUDGETS ": '" + item + "' is not NAME=BYTES");
         }
         const std::string name = item.substr(0, eq);
@@ -409,30 +411,39 @@ static int pi_plan_device(llama_model_base & model, llama_model_loader & ml, pi_
     const int64_t reserve = pi_compute_reserve(model, ml, set.n_ctx, d.gpu ? d.dev : nullptr);
     const llama_pi_plan_params params = { output ? set.out_bytes : 0, d.budget - reserve, cap, set.split_us };
     const llama_pi_plan_result res = llama_pi_plan_layers(cost.data(), n_left, params);
-    if (res.n_gpu_layers < 0) {
+    if (res.n_gpu_layers < 0 && output) {
         throw std::runtime_error("powerinfer: the budget of " + pi_dev_label(d.dev) + ", " + pi_gib((double) d.budget) +
                                  ", cannot hold the output layer (" + pi_gib((double) set.out_bytes) + ") plus " +
                                  pi_gib((double) reserve) + " of compute buffers: give at least " +
                                  pi_gib((double) (reserve + set.out_bytes + cost[n_left - 1].base_bytes)) + ", or 0 for CPU-only");
     }
+    if (res.n_gpu_layers < 0) {
+        throw std::runtime_error("powerinfer: the budget of " + pi_dev_label(d.dev) + ", " + pi_gib((double) d.budget) +
+                                 ", is below its " + pi_gib((double) reserve) + " of compute buffers: give at least " +
+                                 pi_gib((double) (reserve + cost[n_left - 1].base_bytes)) + " (a layer more), or no budget");
+    }
     const int first = n_left - res.n_layers_gpu;
     for (int il = first; il < n_left; ++il) {
         hp.pi.dev_rows[il] = (uint32_t) (d.gpu ? res.dev_rows[il] : hp.n_ff(il));
     }
-    d.n_layers = res.n_layers_gpu + (output ? 1 : 0);
+    d.n_layers = output ? res.n_gpu_layers : res.n_layers_gpu; // the output layer counts one (unless capped away)
     pi_log_plan(d, res, first, (int) hp.n_layer(), set.n_ctx, reserve, hp);
     return res.n_layers_gpu;
 }
 
 // Plans the budgets, devices from the last (llama.cpp gives them layers in order, the output layer
 // to the last): fills hparams.pi.dev_rows and, with several devices, the layers each takes
-// (hparams.pi.dev_split, llama.cpp's tensor_split). Returns n_gpu_layers.
-static int pi_plan_budgets(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers, std::vector<pi_device_share> & shares) {
+// (hparams.pi.dev_split, llama.cpp's tensor_split). A single budget (not `per_device`) over local
+// GPUs leaves the split to llama.cpp, as before budgets per device. Returns n_gpu_layers.
+static int pi_plan_budgets(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers, std::vector<pi_device_share> & shares,
+                           bool per_device) {
     llama_hparams & hp = model.hparams;
     const pi_plan_setting set = pi_plan_settings(model, ml);
     int n_left = (int) hp.n_layer(), total = 0;
+    bool remote = false;
     for (int i = (int) shares.size() - 1; i >= 0; --i) {
-        if (shares[i].budget <= 0) {
+        remote = remote || (shares[i].dev != nullptr && pi_dev_is_remote(shares[i].dev));
+        if (shares[i].budget <= 0 || (n_left == 0 && total > 0)) {
             continue;
         }
         const int cap = n_gpu_layers < 0 ? -1 : std::max(0, n_gpu_layers - total) + (total > 0 ? 1 : 0);
@@ -440,9 +451,12 @@ static int pi_plan_budgets(llama_model_base & model, llama_model_loader & ml, in
         total += shares[i].n_layers;
     }
     hp.pi.placed = true;
-    if (shares.size() > 1 && total > 0) {
+    if (shares.size() > 1 && total > 0 && (per_device || remote)) {
         if (model.split_mode() != LLAMA_SPLIT_MODE_LAYER) {
-            throw std::runtime_error("powerinfer: a budget over several devices places whole layers: use split mode layer");
+            if (!per_device) {
+                return total;
+            }
+            throw std::runtime_error("powerinfer: budgets per device place whole layers: use split mode layer");
         }
         const float * given = model.tensor_split();
         if (given && std::any_of(given, given + shares.size(), [](float x) { return x != 0.0f; })) {
@@ -506,12 +520,12 @@ int llama_pi_plan_placement(llama_model_base & model, llama_model_loader & ml, i
     hp.pi.dev_split.fill(0.0f);
     if (!per_device.empty()) {
         std::vector<pi_device_share> shares = pi_device_budgets(model, per_device);
-        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares);
+        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares, true);
     } else if (budget_in == 0) {
         ngl = 0;
     } else if (budget_in != INT64_MIN) {
         std::vector<pi_device_share> shares = pi_gpu_budget(model, ml, budget_in);
-        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares);
+        ngl = pi_plan_budgets(model, ml, n_gpu_layers, shares, false);
     }
     if (forced >= 0) {
         // tests: the same split in every layer, whatever the devices (both parts on the CPU without a GPU)
