@@ -13,6 +13,7 @@ written just before it runs and deleted after: 81 copies of even a tiny model ar
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,27 @@ class Case:
     fragment: str = ""  # part of the error message, for "error"
 
 
+@functools.lru_cache(maxsize=1)
+def _source(src: Path):
+    """src read once per process (parsing its 32000-token vocabulary is most of a rewrite's time):
+    its architecture, its keys as (name, (value, vtype, sub)) and its tensors (views of the file)"""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    keys = [(name, field_item(f)) for name, f in r.fields.items()
+            if not name.startswith("GGUF.") and name != "general.architecture"]
+    return r.fields["general.architecture"].contents(), keys, [(t.name, t.data) for t in r.tensors]
+
+
 def _rewrite(src: Path, dst: Path, kv: Callable | None = None, tensors: Callable | None = None,
              extra: list | None = None, add_keys: list | None = None) -> None:
     """Copy src to dst; kv(name, value, vtype, sub) -> None (drop) or (value, vtype, sub);
     tensors(name, array) -> None (drop) or (name, array); extra tensors and keys appended."""
     import gguf
 
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
+    arch, keys, source_tensors = _source(src)
     w = gguf.GGUFWriter(dst, arch)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        item = field_item(f)
+    for name, item in keys:
         if kv is not None:
             item = kv(name, *item)
             if item is None:
@@ -50,8 +59,7 @@ def _rewrite(src: Path, dst: Path, kv: Callable | None = None, tensors: Callable
         w.add_key_value(name, *item)
     for key, value, vtype in add_keys or []:
         w.add_key_value(key, value, vtype)
-    for t in r.tensors:
-        item = (t.name, np.array(t.data))
+    for item in source_tensors:  # views of the source (the edits make new arrays): no copy
         if tensors is not None:
             item = tensors(*item)
             if item is None:
