@@ -62,6 +62,9 @@ def _ask(endpoint: str, device_count: bool, timeout: float = 10.0) -> tuple[int,
                 if struct.unpack("<Q", _recv_exact(s, 8))[0] != 4:
                     raise ConnectionError("an unexpected DEVICE_COUNT answer")
                 (n,) = struct.unpack("<I", _recv_exact(s, 4))
+    except TimeoutError:
+        raise RpcError(f"RPC host {endpoint}: no answer in {timeout:.0f} s (an rpc-server serves one client at a "
+                       "time: is another process or Llama using it?)") from None
     except (OSError, ConnectionError) as e:
         raise RpcError(f"RPC host {endpoint}: no rpc-server answered ({e})") from None
     return major, minor, patch, n

@@ -314,9 +314,12 @@ def _make_llama_class():
             layers, rows and all, and runs their sparse FFN itself; the first layers, those no
             budget holds, run here. A single size is the GPU's (the first local one, else the first
             of an RPC host).
-        rpc: HOST:PORT of rpc-servers (the patched build's ggml-rpc-server) whose devices can take
-            layers (llama.cpp's --rpc), each checked first: a host of another protocol (a stock
-            rpc-server) is a one-line RpcError. Give each a budget in vram_budget.
+        rpc: HOST:PORT of rpc-servers (the patched build's ggml-rpc-server), a list or one string
+            "HOST:PORT,HOST:PORT" as llama.cpp's --rpc takes them, whose devices can take layers;
+            each checked first: a host of another protocol (a stock rpc-server) is a one-line
+            RpcError. Give each a budget in vram_budget. A host stays registered with ggml for the
+            rest of the process (ggml cannot forget one); RPC device names count up in the order
+            hosts were first given, so name hosts by HOST:PORT.
         ffn_way: how each part of the FFN runs, "auto" (chosen per ubatch from what it costs:
             docs/DESIGN.md, "ways") or one forced everywhere: "pairs", "tiles" (the sparse op's
             two CPU ways) or "dense" (GEMMs masked by the predictor). Every way computes the
@@ -324,17 +327,18 @@ def _make_llama_class():
         """
 
         def __init__(self, model_path: str, *, vram_budget: str | int = 0, sparse: bool = True,
-                     all_active: bool = False, ffn_way: str = "auto", rpc: list[str] | None = None,
+                     all_active: bool = False, ffn_way: str = "auto", rpc: list[str] | str | None = None,
                      kv_overrides: dict | None = None, **kwargs):
             info = check_patched()
-            if rpc:  # before the budget: "auto" and the planner see the hosts' devices
+            hosts = [h.strip() for h in rpc.split(",")] if isinstance(rpc, str) else list(rpc or [])
+            if hosts:  # before the budget: "auto" and the planner see the hosts' devices
                 from .rpc import add_servers
-                add_servers(list(rpc), os.path.dirname(info.path))
+                add_servers(hosts, os.path.dirname(info.path))
             if "n_gpu_layers" in kwargs and kwargs["n_gpu_layers"] not in (0, None):
                 raise ValueError("n_gpu_layers: use vram_budget, which decides what goes on the GPU")
             overrides = dict(kv_overrides or {})  # keys the caller set win over the arguments
             if is_per_device(vram_budget):
-                budgets = self._device_budgets(model_path, vram_budget, info.path)
+                budgets = self._device_budgets(model_path, vram_budget, info.path, hosts)
                 overrides.setdefault(Keys.Runtime.DEVICE_BUDGETS, ",".join(f"{n}={b}" for n, b in budgets.items()))
                 budget = sum(budgets.values()) if all(b >= 0 for b in budgets.values()) else -1
             else:
@@ -366,11 +370,13 @@ def _make_llama_class():
             _bind_sparse_api(llama_cpp.llama_cpp._lib)
 
         @staticmethod
-        def _device_budgets(model_path: str, spec, lib_path: str) -> dict[str, int]:
-            """{device name: bytes (-1 auto)} from budgets per device, hosts resolved to their device"""
+        def _device_budgets(model_path: str, spec, lib_path: str, hosts: list[str]) -> dict[str, int]:
+            """{device name: bytes (-1 auto)} from budgets per device, hosts resolved to their device.
+            Only this host's devices and those of `hosts` count: ggml keeps a host registered for
+            the process, once any Llama named it."""
             from .rpc import device_name, devices
 
-            known = devices(os.path.dirname(lib_path))
+            known = [(n, d) for n, d in devices(os.path.dirname(lib_path)) if not n.startswith("RPC") or d in hosts]
             named: dict[str, int] = {}
             labels: dict[str, str] = {}
             for label, b in device_budgets(model_path, spec).items():

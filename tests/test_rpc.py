@@ -30,7 +30,8 @@ def complete(side: str, model, rpc: str | None = None) -> subprocess.CompletedPr
             "--temp", "0", "-no-cnv", "--no-warmup", "-t", "1", "-c", "256"]
     if rpc:
         args += ["-ngl", "99", "--rpc", rpc, "-v"]  # -v: the log names each layer's device
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=300,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_layers_on_a_remote_host_write_the_local_text(tiny_pi, tmp_path):
@@ -53,7 +54,8 @@ def test_a_plain_file_is_split_between_hosts_as_stock_splits_it(tiny_pi, tmp_pat
         with rpc_server(side, tmp_path / f"{side}-a.log") as a, rpc_server(side, tmp_path / f"{side}-b.log") as b:
             r = subprocess.run([str(build.bin_path(side, "llama-completion")), "-m", str(twin), "-p", "Hello", "-n", "1",
                                 "-no-cnv", "--no-warmup", "-t", "1", "-c", "256", "-ngl", "99", "--rpc", f"{a},{b}",
-                                "-ts", "1,3", "-v"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                                "-ts", "1,3", "-v"], capture_output=True, text=True, errors="replace", timeout=300,
+                                stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr[-2000:]
         return re.findall(r"layer +\d+ assigned to device \w+", r.stderr)
 
@@ -205,3 +207,26 @@ def test_rpc_bench_times_both_sides_here_and_over_rpc(tiny_pi, tmp_path):
     again = subprocess.run([sys.executable, str(tool), str(ours), "--stock", str(twin), "--json", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and again.stderr.strip().splitlines()[-1] == f"rpc_bench: {out} exists; give a new path"
+
+
+def test_a_budget_names_only_the_hosts_of_its_own_call(tiny_pi, tmp_path):
+    """ggml keeps a host registered for the process: a later Llama that does not list it cannot
+    give it layers by its HOST:PORT or its RPC name; rpc= may be one string, as llama.cpp's --rpc"""
+    _, ours, _ = tiny_pi
+    with rpc_server("patched", tmp_path / "a.log") as a, rpc_server("patched", tmp_path / "b.log") as b:
+        code = ("from powerinfer_gguf import Llama\n"
+                f"llm = Llama({str(ours)!r}, rpc='{a},{b}', vram_budget='{b}=1GiB', n_ctx=128, verbose=False)\n"
+                "print([p.device for p in llm.placement()])\n"
+                "llm.close()\n"
+                "del llm  # a host serves one client at a time\n"
+                "for budget in ('" + a + "=1GiB', 'RPC0=1GiB'):\n"
+                "    try:\n"
+                f"        Llama({str(ours)!r}, rpc=[{b!r}], vram_budget=budget, verbose=False)\n"
+                "    except ValueError as e:\n"
+                "        print(e)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == str(["RPC1"] * 4)
+    assert lines[1].startswith(f"no device {a} (devices: CPU") and f"RPC1 ({b})" in lines[1] and "RPC0" not in lines[1]
+    assert lines[2].startswith("no device RPC0 (devices: CPU")

@@ -1,10 +1,12 @@
-"""Ours against stock llama.cpp over llama.cpp's RPC backend (issue 20): every layer on the hosts'
+"""Ours against stock llama.cpp over llama.cpp's RPC backend, the same layout on both sides.
+
+Issue 20: every layer on the hosts'
 devices (-ngl 99 --rpc, llama.cpp's own split between hosts, the same layout on both sides), and
 each side run here without RPC, rounds interleaved (llama-bench, one repetition a run). Prints
 prompt and decode t/s, ours / stock over RPC and here, and what RPC costs a decoded token (1/tg over
 RPC - 1/tg here), per hand-off between hosts and per layer.
 
-    PYTHONPATH=. python tools/rpc_bench.py OURS.gguf --stock TWIN.gguf [-t 2] [-p 64] [-n 32] [-r 3]
+    .venv/bin/python tools/rpc_bench.py OURS.gguf --stock TWIN.gguf [-t 2] [-p 64] [-n 32] [-r 3]
         [--hosts 2 | --rpc HOST:PORT,... --stock-rpc HOST:PORT,...] [--json OUT.json]
 
 Without --rpc it starts --hosts ggml-rpc-servers of each build on 127.0.0.1 (their CPU, -t threads
@@ -112,16 +114,16 @@ def report(a, res: dict, n_layer: int, hops: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--stock", required=True)
-    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
-    ap.add_argument("-p", "--n-prompt", type=int, default=64)
-    ap.add_argument("-n", "--n-gen", type=int, default=32)
-    ap.add_argument("-r", "--repetitions", type=int, default=3)
-    ap.add_argument("--hosts", type=int, default=2)
-    ap.add_argument("--rpc")
-    ap.add_argument("--stock-rpc")
-    ap.add_argument("--json")
+    ap.add_argument("model", help="our file (pi-convert or pi-synth --pi)")
+    ap.add_argument("--stock", required=True, help="its stock twin")
+    ap.add_argument("-t", "--threads", type=int, default=os.cpu_count(), help="threads, here and on local servers")
+    ap.add_argument("-p", "--n-prompt", type=int, default=64, help="prompt tokens (pp)")
+    ap.add_argument("-n", "--n-gen", type=int, default=32, help="decoded tokens (tg)")
+    ap.add_argument("-r", "--repetitions", type=int, default=3, help="rounds, the four runs interleaved")
+    ap.add_argument("--hosts", type=int, default=2, help="local ggml-rpc-servers of each build (without --rpc)")
+    ap.add_argument("--rpc", help="HOST:PORT,... of the patched build's servers, running elsewhere")
+    ap.add_argument("--stock-rpc", help="HOST:PORT,... of stock's servers (with --rpc)")
+    ap.add_argument("--json", help="write every run here (a new file)")
     a = ap.parse_args()
     try:
         check_args(a)
