@@ -178,7 +178,8 @@ def test_a_host_with_no_server_is_one_line(tiny_pi):
     ("{ep}=lots", r"bad size 'lots'"),
     ("CPU=1GiB", r"device_budgets: no device CPU \(this model's devices: RPC0 \(127\.0\.0\.1:\d+, CPU\)\)"),
     ("{ep}=99999GiB", r"the budget of RPC0 99999\.00 GiB exceeds RPC0 \(127\.0\.0\.1:\d+, CPU\)'s"),
-    ("1GiB", r"no GPU device .*an RPC host's CPU takes a budget of its own"),
+    ("1GiB", r"no GPU device .*an RPC host's CPU takes a budget of its own: vram_budget='HOST:PORT=SIZE' in Python"),
+    ("{ep}=1MiB", r"the budget of RPC0 .* cannot hold the output layer .*, or no budget for this device$"),
 ])
 def test_bad_budgets_per_device_are_one_line(tiny_pi, tmp_path, budget, error):
     """Run in a process of its own, as a host once registered stays for the process"""

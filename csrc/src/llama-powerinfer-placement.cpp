@@ -198,8 +198,9 @@ static std::vector<pi_device_share> pi_gpu_budget(const llama_model_base & model
     if (gpu == nullptr) {
         if (!llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_PLAN_NO_GPU, false)) {
             throw std::runtime_error("powerinfer: a VRAM budget was given but llama.cpp has no GPU device "
-                                     "(a CPU-only build, or no GPU found; an RPC host's CPU takes a budget of its own, "
-                                     LLAMA_PI_KEY_RT_DEVICE_BUDGETS "); use a budget of 0");
+                                     "(a CPU-only build, or no GPU found; an RPC host's CPU takes a budget of its own: "
+                                     "vram_budget='HOST:PORT=SIZE' in Python, " LLAMA_PI_KEY_RT_DEVICE_BUDGETS
+                                     " as a key); use a budget of 0");
         }
         // (plan_without_gpu, tests: the plan is made and logged; with no GPU every part stays on the CPU)
         return { { nullptr, pi_budget_of(nullptr, budget_in, "vram_budget"), budget_in == -1, true } };
@@ -377,9 +378,10 @@ struct pi_plan_setting {
     int64_t n_ctx;      // KV cache reserved for this many tokens
     int64_t split_us;   // a split layer's hand-off per token
     size_t  out_bytes;  // the output layer and its norm
+    bool    per_device; // budgets per device (else one budget, the GPU's)
 };
 
-static pi_plan_setting pi_plan_settings(const llama_model_base & model, const llama_model_loader & ml) {
+static pi_plan_setting pi_plan_settings(const llama_model_base & model, const llama_model_loader & ml, bool per_device) {
     const llama_hparams & hp = model.hparams;
     const int64_t n_ctx = llama_pi_runtime_int(ml, LLAMA_PI_KEY_RT_VRAM_CTX, std::max<int64_t>(1, std::min<int64_t>(4096, hp.n_ctx_train)));
     if (n_ctx < 1 || n_ctx > (1 << 24)) {
@@ -391,7 +393,7 @@ static pi_plan_setting pi_plan_settings(const llama_model_base & model, const ll
     }
     size_t out_bytes = pi_bytes_of(ml, "output_norm.weight");
     out_bytes += ml.get_tensor_meta("output.weight") ? pi_bytes_of(ml, "output.weight") : pi_bytes_of(ml, "token_embd.weight");
-    return { n_ctx, split_us, out_bytes };
+    return { n_ctx, split_us, out_bytes, per_device };
 }
 
 // One device's layers: whole layers from layer n_left - 1 down (the output layer first when
@@ -415,7 +417,8 @@ static int pi_plan_device(llama_model_base & model, llama_model_loader & ml, pi_
         throw std::runtime_error("powerinfer: the budget of " + pi_dev_label(d.dev) + ", " + pi_gib((double) d.budget) +
                                  ", cannot hold the output layer (" + pi_gib((double) set.out_bytes) + ") plus " +
                                  pi_gib((double) reserve) + " of compute buffers: give at least " +
-                                 pi_gib((double) (reserve + set.out_bytes + cost[n_left - 1].base_bytes)) + ", or 0 for CPU-only");
+                                 pi_gib((double) (reserve + set.out_bytes + cost[n_left - 1].base_bytes)) +
+                                 (set.per_device ? ", or no budget for this device" : ", or 0 for CPU-only"));
     }
     if (res.n_gpu_layers < 0) {
         throw std::runtime_error("powerinfer: the budget of " + pi_dev_label(d.dev) + ", " + pi_gib((double) d.budget) +
@@ -438,7 +441,7 @@ static int pi_plan_device(llama_model_base & model, llama_model_loader & ml, pi_
 static int pi_plan_budgets(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers, std::vector<pi_device_share> & shares,
                            bool per_device) {
     llama_hparams & hp = model.hparams;
-    const pi_plan_setting set = pi_plan_settings(model, ml);
+    const pi_plan_setting set = pi_plan_settings(model, ml, per_device);
     int n_left = (int) hp.n_layer(), total = 0;
     bool remote = false;
     for (int i = (int) shares.size() - 1; i >= 0; --i) {
