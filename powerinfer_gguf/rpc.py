@@ -17,6 +17,7 @@ import time
 
 # patches/0008-rpc-protocol.patch: the patched build's protocol major (stock llama.cpp's is 7)
 PATCHED_PROTOCOL_MAJOR = 108
+STOCK_PROTOCOL_MAJOR = 7
 _CMD_HELLO = 14       # ggml-rpc.cpp: "RPC_CMD_HELLO must be always 14", in every protocol version
 _CMD_DEVICE_COUNT = 15  # the next one, in stock's protocol 7 and ours
 _CONN_CAPS_SIZE = 24  # transport.h: the transports a peer offers; all zero = plain TCP

@@ -25,7 +25,7 @@ import tempfile
 from powerinfer_gguf import build
 from powerinfer_gguf.bench.runner import llama_bench_once
 from powerinfer_gguf.model_file import ModelSizes, check_gguf
-from powerinfer_gguf.rpc import check_server, device_count, local_server, server_version
+from powerinfer_gguf.rpc import STOCK_PROTOCOL_MAJOR, check_server, device_count, local_server, server_version
 
 SIDES = ("ours", "stock")
 WHERE = ("here", "rpc")
@@ -49,8 +49,9 @@ def check_args(a) -> None:
     for ep in endpoints(a.rpc):
         check_server(ep)  # ours' protocol: one line for a stock host or none
     for ep in endpoints(a.stock_rpc):
-        if server_version(ep)[0] != 7:
-            raise SystemExit(f"rpc_bench: {ep} does not speak stock's protocol 7: run stock's ggml-rpc-server there")
+        if server_version(ep)[0] != STOCK_PROTOCOL_MAJOR:
+            raise SystemExit(f"rpc_bench: {ep} does not speak stock's protocol {STOCK_PROTOCOL_MAJOR}: "
+                             "run stock's ggml-rpc-server there")
 
 
 @contextlib.contextmanager

@@ -103,12 +103,14 @@ static ggml_backend_t pi_offload_gpu(const llm_graph_context & g, ggml_tensor * 
     if (!g.cparams.op_offload || g.sched == nullptr) {
         return nullptr;
     }
-    llama_pi_probe_ctx probe_ctx;
-    ggml_tensor * probe = ggml_mul_mat(probe_ctx.ctx, w, x); // not in the graph: only asks the GPU
     for (int i = 0; i < ggml_backend_sched_get_n_backends(g.sched); ++i) {
         ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, i);
-        if (llama_pi_dev_is_gpu(ggml_backend_get_device(b)) && ggml_backend_supports_op(b, probe) &&
-            ggml_backend_offload_op(b, probe)) {
+        if (!llama_pi_dev_is_gpu(ggml_backend_get_device(b))) {
+            continue; // a CPU-only build asks no GPU, and builds no probe, per graph (every decoded token)
+        }
+        llama_pi_probe_ctx probe_ctx;
+        ggml_tensor * probe = ggml_mul_mat(probe_ctx.ctx, w, x); // not in the graph: only asks the GPU
+        if (ggml_backend_supports_op(b, probe) && ggml_backend_offload_op(b, probe)) {
             return b;
         }
     }

@@ -66,12 +66,10 @@ static bool pi_dev_is_remote(ggml_backend_dev_t dev) {
 }
 
 // The GPU a single budget is for: the first local one, else the first on an RPC host
-template <typename It, typename Dev>
-static ggml_backend_dev_t pi_the_gpu(It first, It last, Dev dev_of) {
+static ggml_backend_dev_t pi_the_gpu(const std::vector<ggml_backend_dev_t> & devs) {
     ggml_backend_dev_t remote = nullptr;
-    for (It it = first; it != last; ++it) {
-        ggml_backend_dev_t d = dev_of(*it);
-        if (d == nullptr || ggml_backend_dev_type(d) == GGML_BACKEND_DEVICE_TYPE_CPU || !llama_pi_dev_is_gpu(d)) {
+    for (ggml_backend_dev_t d : devs) {
+        if (d == nullptr || !llama_pi_dev_is_gpu(d)) {
             continue;
         }
         if (!pi_dev_is_remote(d)) {
@@ -91,7 +89,7 @@ int64_t llama_pi_auto_vram_budget(void) {
     for (size_t i = 0; i < all.size(); ++i) {
         all[i] = ggml_backend_dev_get(i);
     }
-    ggml_backend_dev_t gpu = pi_the_gpu(all.begin(), all.end(), [](ggml_backend_dev_t d) { return d; });
+    ggml_backend_dev_t gpu = pi_the_gpu(all);
     if (gpu == nullptr) {
         return -1;
     }
@@ -190,11 +188,12 @@ static std::vector<pi_device_share> pi_gpu_budget(const llama_model_base & model
                                  " (give bytes >= 0, or -1 for auto)");
     }
     std::vector<pi_device_share> shares;
+    std::vector<ggml_backend_dev_t> devs;
     for (const auto & d : model.devices) {
-        shares.push_back({ d.is_meta ? nullptr : d.dev });
+        devs.push_back(d.is_meta ? nullptr : d.dev);
+        shares.push_back({ devs.back() });
     }
-    ggml_backend_dev_t gpu = pi_the_gpu(model.devices.begin(), model.devices.end(),
-                                        [](const auto & d) { return d.is_meta ? nullptr : d.dev; });
+    ggml_backend_dev_t gpu = pi_the_gpu(devs);
     if (gpu == nullptr) {
         if (!llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_PLAN_NO_GPU, false)) {
             throw std::runtime_error("powerinfer: a VRAM budget was given but llama.cpp has no GPU device "
