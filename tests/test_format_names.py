@@ -9,8 +9,7 @@ from conftest import c_sources
 from powerinfer_gguf import format as fmt
 
 # Keys only Python reads (pi-bench, pi-info, provenance): llama.cpp never looks at them.
-PYTHON_ONLY = {fmt.Keys.PREDICTOR_RECALL_TARGET, fmt.Keys.PREDICTOR_RECALL, fmt.Keys.PREDICTOR_PRECISION,
-               fmt.Keys.CALIB_TOKENS, fmt.Keys.STOCK_TWIN}
+PYTHON_ONLY = {fmt.Keys.PREDICTOR_RECALL_TARGET, fmt.Keys.CALIB_TOKENS, fmt.Keys.STOCK_TWIN}
 
 _KEY = re.compile(r'"(' + re.escape(fmt.NAMESPACE) + r'\.[a-z0-9_.]+)"')
 _TENSOR = re.compile(r'\{\s*LLM_TENSOR_PI_\w+\s*,\s*"([^"]+)"\s*\}')  # our rows of llama-arch's name table

@@ -29,6 +29,10 @@ struct llama_pi_hparams {
     bool     rt_all_active  = false;     // true: every neuron computed on the sparse path
     uint32_t rt_way         = 0;         // enum llama_pi_way: how each part of the FFN runs (0: chosen per ubatch)
 
+    // per layer, rows the predictor selects per row that fires (its held-out recall / precision;
+    // 1 where the file does not say): a row's firing frequency times this is how often it is read
+    std::array<float, LLAMA_MAX_LAYERS> select_per_fire = {};
+
     // placement: layer il keeps its dev rows [0, dev_rows[il]) on its own device (a GPU layer: its
     // hot rows) and its cold rows [dev_rows[il], n_ff) in CPU memory. Without a plan: n_ff (whole).
     bool placed = false;
@@ -52,8 +56,13 @@ struct llama_pi_layer {
     ggml_tensor * ffn_down_t_cold     = nullptr;
     ggml_tensor * pred_threshold_cold = nullptr;
     // the op's counters (I64 ggml_pi_sparse_stats; llama_pi_get_layer_stats): the hot part (or the
-    // whole FFN), the cold part; each in a buffer of its part's rows' type (llama_pi_alloc_counters)
+    // whole FFN), the cold part; each in a buffer of its part's rows' type (llama_pi_loaded)
     ggml_tensor * counters      = nullptr;
     ggml_tensor * counters_cold = nullptr;
     std::shared_ptr<llama_pi_counter_store> counter_store; // owns their context and buffers
+    // per part (whole or hot, cold) and per chunk of LLAMA_PI_GPU_CHUNK_ROWS of its rows: the
+    // fewest tokens of a ubatch expected to select most of the chunk's rows
+    // (LLAMA_PI_GATHER_MAX_SHARE), from which the dense GPU way copies the chunk whole instead of
+    // gathering it (INT32_MAX: never). Empty: always gather.
+    std::array<std::vector<int32_t>, 2> copy_all_from;
 };

@@ -155,36 +155,111 @@ static pi_ffn_part pi_part_rows(ggml_context * ctx0, const pi_ffn_part & p, int6
              p.threshold ? ggml_view_1d(ctx0, p.threshold, n, c0 * sizeof(float)) : nullptr, p.r0 + c0 };
 }
 
-// 1 where the predictor selects (row, token), else 0: score > threshold, as the sparse op reads it
-static ggml_tensor * pi_selection_mask(ggml_context * ctx0, ggml_tensor * score, ggml_tensor * threshold) {
-    return ggml_step(ctx0, ggml_sub(ctx0, score, threshold));
+// A part's selection for a ubatch: mask [n_rows, T], 1 where the predictor selects (row, token)
+// (score > threshold, as the sparse op reads it), else 0; count [1, n_rows], how many tokens select
+// each row. Null without a predictor (every row computed); count only where it is asked for.
+struct pi_selection {
+    ggml_tensor * mask  = nullptr;
+    ggml_tensor * count = nullptr;
+};
+
+// The selection over a whole part, its nodes on `gpu` when given. Built once before the part's
+// chunks: its sources include the threshold, which may lie in CPU memory, and a GPU node reading
+// a weight elsewhere starts a new split of the scheduler's (ggml-backend.cpp), which must not fall
+// between a chunk's copy on the copy stream and its wait (a split ends its CUDA graph's capture).
+static pi_selection pi_select(const llm_graph_context & g, ggml_tensor * score, ggml_tensor * threshold, int il,
+                              ggml_backend_t gpu, bool with_count) {
+    pi_selection s;
+    if (score == nullptr) {
+        return s;
+    }
+    ggml_context * ctx0 = g.ctx0;
+    ggml_tensor * diff = ggml_sub(ctx0, score, threshold);
+    s.mask = ggml_step(ctx0, diff);
+    g.cb(s.mask, "ffn_pi_mask", il);
+    std::vector<ggml_tensor *> nodes = { diff, s.mask };
+    if (with_count) {
+        ggml_tensor * by_row = ggml_cont(ctx0, ggml_transpose(ctx0, s.mask));
+        s.count = ggml_sum_rows(ctx0, by_row);
+        g.cb(s.count, "ffn_pi_count", il);
+        nodes.insert(nodes.end(), { by_row, s.count });
+    }
+    if (gpu) {
+        for (ggml_tensor * t : nodes) {
+            ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);
+        }
+    }
+    return s;
 }
 
-// Dense FFN over one part: relu(gate x) * up x (dReLU: both rectified), masked by the selection
-// when there is a score, then the row-per-neuron down. With a GPU given, every node runs there;
-// with `gather`, the GPU reads only the rows some token selects (the others are zeros, which the
-// mask zeroes anyway).
-static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, pi_ffn_part p,
-                                         ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu,
-                                         bool gather) {
-    ggml_context * ctx0 = g.ctx0;
-    std::vector<ggml_tensor *> nodes;
-    auto node = [&](ggml_tensor * t) { nodes.push_back(t); return t; };
-    ggml_tensor * mask = nullptr;
-    if (score) {
-        mask = node(pi_selection_mask(ctx0, score, p.threshold));
-        nodes.push_back(mask->src[0]); // score - threshold
-        g.cb(mask, "ffn_pi_mask", il);
+// The selection of rows [c0, c0 + n) of a part (views)
+static pi_selection pi_selection_rows(ggml_context * ctx0, const pi_selection & s, int64_t c0, int64_t n) {
+    pi_selection r;
+    if (s.mask) {
+        r.mask = ggml_view_2d(ctx0, s.mask, n, s.mask->ne[1], s.mask->nb[1], c0 * s.mask->nb[0]);
     }
-    if (gather && mask) {
-        ggml_tensor * count = node(ggml_sum_rows(ctx0, node(ggml_cont(ctx0, ggml_transpose(ctx0, mask)))));
-        p.gate   = node(ggml_pi_gather_rows(ctx0, p.gate,   count));
-        p.up     = node(ggml_pi_gather_rows(ctx0, p.up,     count));
-        p.down_t = node(ggml_pi_gather_rows(ctx0, p.down_t, count));
-        g.cb(count, "ffn_pi_count", il);
+    if (s.count) {
+        r.count = ggml_view_2d(ctx0, s.count, 1, n, s.count->nb[1], c0 * s.count->nb[1]);
+    }
+    return r;
+}
+
+// How the dense GPU way brings a chunk's rows in CPU memory over: the scheduler copies them all
+// before its GEMMs (the GPU cannot read them in place), or, on the GPU's copy stream during the
+// GEMMs of the chunk before, only the rows some token selects (SMs reading them over the bus), or
+// all of them (its copy engine: the faster when a ubatch selects most of them)
+enum pi_bring { PI_BRING_BY_SCHEDULER, PI_BRING_SELECTED, PI_BRING_WHOLE };
+
+// The rows a dense way multiplies, and the predictor's selection over them (null: no predictor)
+struct pi_dense_rows {
+    pi_ffn_part   p;
+    ggml_tensor * mask;
+    bool          async; // p's gate, up and down_t are ggml_pi_gather_rows_async results
+};
+
+// Sets every node of `nodes` to run on gpu
+static void pi_run_on(const llm_graph_context & g, const std::vector<ggml_tensor *> & nodes, ggml_backend_t gpu) {
+    for (ggml_tensor * t : nodes) {
+        ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);
+    }
+}
+
+// A chunk's rows as `bring` says, with its selection
+static pi_dense_rows pi_bring_rows(const llm_graph_context & g, pi_ffn_part p, const pi_selection & sel, int il,
+                                   ggml_backend_t gpu, pi_bring bring) {
+    ggml_context * ctx0 = g.ctx0;
+    if (bring == PI_BRING_SELECTED && sel.count == nullptr) {
+        bring = PI_BRING_WHOLE; // every row is computed
+    }
+    const bool async = bring != PI_BRING_BY_SCHEDULER;
+    if (bring != PI_BRING_BY_SCHEDULER) {
+        ggml_tensor * count = bring == PI_BRING_SELECTED ? sel.count : nullptr; // null: every row
+        p.gate   = ggml_pi_gather_rows_async(ctx0, p.gate,   count);
+        p.up     = ggml_pi_gather_rows_async(ctx0, p.up,     count);
+        p.down_t = ggml_pi_gather_rows_async(ctx0, p.down_t, count);
         g.cb(p.gate, "ffn_pi_gathered_gate", il);
         g.cb(p.up, "ffn_pi_gathered_up", il);
         g.cb(p.down_t, "ffn_pi_gathered_down", il);
+        if (gpu) {
+            pi_run_on(g, { p.gate, p.up, p.down_t }, gpu);
+        }
+    }
+    return { p, sel.mask, async };
+}
+
+// Dense FFN over selected rows: relu(gate x) * up x (dReLU: both rectified), masked by the
+// selection when there is one, then the row-per-neuron down. With a GPU given, every node runs
+// there.
+static ggml_tensor * pi_dense_ffn(const llm_graph_context & g, ggml_tensor * cur, pi_dense_rows r,
+                                  const llama_layer & layer, int il, ggml_backend_t gpu) {
+    ggml_context * ctx0 = g.ctx0;
+    std::vector<ggml_tensor *> nodes;
+    auto node = [&](ggml_tensor * t) { nodes.push_back(t); return t; };
+    pi_ffn_part & p = r.p;
+    if (r.async) {
+        p.gate   = node(ggml_pi_gathered(ctx0, p.gate));
+        p.up     = node(ggml_pi_gathered(ctx0, p.up));
+        p.down_t = node(ggml_pi_gathered(ctx0, p.down_t));
     }
     // lora scales apply to whole tensors only
     const bool whole = layer.pi.ffn_gate_cold == nullptr && p.gate->ne[1] == layer.ffn_gate->ne[1];
@@ -196,39 +271,73 @@ static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tenso
         up = node(ggml_relu(ctx0, up));
     }
     ggml_tensor * h = node(ggml_mul(ctx0, node(ggml_relu(ctx0, gate)), up));
-    if (mask) {
-        h = node(ggml_mul(ctx0, h, mask));
+    if (r.mask) {
+        h = node(ggml_mul(ctx0, h, r.mask));
     }
     g.cb(h, "ffn_pi_h", il);
     ggml_tensor * out = pi_down_neuron_rows(ctx0, p.down_t, h, gpu ? gpu : pi_weight_gpu(g, p.down_t), nodes);
     g.cb(out, "ffn_pi_down", il);
     if (gpu) {
-        for (ggml_tensor * t : nodes) {
-            ggml_backend_sched_set_tensor_backend(g.sched, t, gpu);
-        }
+        pi_run_on(g, nodes, gpu);
     }
     return out;
 }
 
+// Dense FFN over one part where its rows are (GEMMs of the backend that holds them)
+static ggml_tensor * pi_build_dense_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
+                                         ggml_tensor * score, const llama_layer & layer, int il) {
+    const pi_selection sel = pi_select(g, score, p.threshold, il, nullptr, false);
+    return pi_dense_ffn(g, cur, pi_bring_rows(g, p, sel, il, nullptr, PI_BRING_BY_SCHEDULER), layer, il, nullptr);
+}
+
+// How chunk k of a part comes over for a ubatch of n_tokens: whole once that many tokens are
+// expected to select most of its rows (llama_pi_layer::copy_all_from), else only what they select
+static pi_bring pi_bring_chunk(const llama_layer & layer, const pi_ffn_part & p, int64_t k, int64_t n_tokens) {
+    const std::vector<int32_t> & from = layer.pi.copy_all_from[p.r0 == 0 ? 0 : 1];
+    return k < (int64_t) from.size() && n_tokens >= from[k] ? PI_BRING_WHOLE : PI_BRING_SELECTED;
+}
+
 // A part's dense FFN on the GPU with its rows in CPU memory, LLAMA_PI_GPU_CHUNK_ROWS rows at a
-// time (the chunks' sums added): each chunk's staging is freed before the next is brought over.
+// time, the chunks' sums added. Where the GPU reads the rows in place, a chunk's rows come over on
+// the GPU's copy stream while the GEMMs of the chunk before run: in the graph's order (which the
+// GPU runs and ggml-alloc plans memory by) chunk k+1's copies come before chunk k's GEMMs, so two
+// chunks' staging are alive at once. Otherwise the scheduler copies each chunk's rows before its
+// GEMMs.
 static ggml_tensor * pi_build_dense_gpu_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
                                              ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu) {
     const int64_t n_rows = p.gate->ne[1];
-    const bool gather = score != nullptr && pi_gpu_reads_in_place(gpu, p.gate);
-    ggml_tensor * out = nullptr;
-    for (int64_t c0 = 0; c0 < n_rows; c0 += LLAMA_PI_GPU_CHUNK_ROWS) {
+    const bool in_place = pi_gpu_reads_in_place(gpu, p.gate);
+    const pi_selection sel = pi_select(g, score, p.threshold, il, gpu, in_place);
+    auto select_chunk = [&](int64_t c0) {
         const int64_t n = std::min(LLAMA_PI_GPU_CHUNK_ROWS, n_rows - c0);
         const bool all = c0 == 0 && n == n_rows;
-        ggml_tensor * chunk_score = score == nullptr || all ? score :
-            ggml_view_2d(g.ctx0, score, n, score->ne[1], score->nb[1], c0 * sizeof(float));
-        ggml_tensor * chunk_out = pi_build_dense_part(g, cur, all ? p : pi_part_rows(g.ctx0, p, c0, n), chunk_score,
-                                                      layer, il, gpu, gather);
+        const pi_bring bring = in_place ? pi_bring_chunk(layer, p, c0 / LLAMA_PI_GPU_CHUNK_ROWS, cur->ne[1]) : PI_BRING_BY_SCHEDULER;
+        pi_dense_rows r = pi_bring_rows(g, all ? p : pi_part_rows(g.ctx0, p, c0, n),
+                                        all ? sel : pi_selection_rows(g.ctx0, sel, c0, n), il, gpu, bring);
+        if (r.async) {
+            ggml_build_forward_expand(g.gf, r.p.gate);
+            ggml_build_forward_expand(g.gf, r.p.up);
+            ggml_build_forward_expand(g.gf, r.p.down_t);
+        }
+        return r;
+    };
+    // in place: the next chunk's rows are asked for before this one's GEMMs
+    ggml_tensor * out = nullptr;
+    pi_dense_rows next = in_place ? select_chunk(0) : pi_dense_rows{};
+    for (int64_t c0 = 0; c0 < n_rows; c0 += LLAMA_PI_GPU_CHUNK_ROWS) {
+        const pi_dense_rows rows = in_place ? next : select_chunk(c0);
+        if (in_place && c0 + LLAMA_PI_GPU_CHUNK_ROWS < n_rows) {
+            next = select_chunk(c0 + LLAMA_PI_GPU_CHUNK_ROWS);
+        }
+        ggml_tensor * chunk_out = pi_dense_ffn(g, cur, rows, layer, il, gpu);
         if (out) {
             out = ggml_add(g.ctx0, out, chunk_out);
             ggml_backend_sched_set_tensor_backend(g.sched, out, gpu);
         } else {
             out = chunk_out;
+        }
+        if (in_place) {
+            ggml_build_forward_expand(g.gf, out);
         }
     }
     return out;
@@ -242,7 +351,7 @@ uint32_t llama_pi_graph_extra_nodes(const llama_model & model) {
     uint32_t res = 0;
     for (uint32_t il = 0; il < hp.n_layer(); ++il) {
         const int64_t n_chunks = (hp.n_ff(il) + LLAMA_PI_GPU_CHUNK_ROWS - 1) / LLAMA_PI_GPU_CHUNK_ROWS + 1; // + the hot part
-        res += (uint32_t) (32 * n_chunks);
+        res += (uint32_t) (40 * n_chunks);
     }
     return res;
 }
@@ -294,7 +403,7 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
         } else if (way == PI_WAY_DENSE_GPU) {
             part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, gpu);
         } else {
-            part_out = pi_build_dense_part(g, cur, p, part_score, layer, il, nullptr, false);
+            part_out = pi_build_dense_part(g, cur, p, part_score, layer, il);
         }
         out = out ? ggml_add(ctx0, out, part_out) : part_out;
     }

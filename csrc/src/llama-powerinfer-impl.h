@@ -19,6 +19,8 @@ struct llama_model;
 #define LLAMA_PI_KEY_SPARSE           "powerinfer.sparse"
 #define LLAMA_PI_KEY_FFN_DOWN_LAYOUT  "powerinfer.ffn_down_layout"
 #define LLAMA_PI_KEY_PREDICTOR_ACT    "powerinfer.predictor.act"
+#define LLAMA_PI_KEY_PREDICTOR_RECALL "powerinfer.predictor.recall"     // float32[n_layer], held-out
+#define LLAMA_PI_KEY_PREDICTOR_PRECISION "powerinfer.predictor.precision" // float32[n_layer], held-out
 
 // run-time choices: not written in files, given as kv overrides (llama_model_params.kv_overrides)
 #define LLAMA_PI_KEY_RT_SPARSE        "powerinfer.runtime.sparse"            // bool, default true
@@ -49,13 +51,21 @@ enum llama_pi_way : uint32_t {
     LLAMA_PI_WAY_DENSE = 3, // GEMMs over all rows, masked by the selection
 };
 
-// A large ubatch's dense GPU FFN over rows in CPU memory runs in chunks of this many rows, one
-// after another, so its staging in VRAM (the chunk's gathered or copied rows and transposed down)
-// is bounded by a chunk, not a layer: what it leaves to hot rows is what decode runs on.
-constexpr int64_t LLAMA_PI_GPU_CHUNK_ROWS = 4096;
+// A large ubatch's dense GPU FFN over rows in CPU memory runs in chunks of this many rows, so its
+// staging in VRAM (two chunks' rows: the next one's cross the bus during this one's GEMMs) is
+// bounded by chunks, not a layer: what it leaves to hot rows is what decode runs on. Two chunks of
+// 2048 hold what one of 4096 did before the copy stream; a 2048 x 5120 x 512 GEMM still keeps an
+// H200 busy (13B: ~27 us at 400 TFLOP/s).
+constexpr int64_t LLAMA_PI_GPU_CHUNK_ROWS = 2048;
+
+// A chunk whose rows a ubatch is expected to select at least this share of is copied whole by the
+// GPU's copy engine rather than gathered (its SMs reading only the selected rows): on the H200
+// host, gathering 90% of a 13B gate's rows took 0.97x the whole copy's time, 100% 1.08x
+// (docs/NOTES.md, test-pi-sparse-ffn --perf).
+constexpr double LLAMA_PI_GATHER_MAX_SHARE = 0.92;
 
 // Nodes our FFN adds to a graph beyond the 8 per model tensor llama.cpp counts: a sparse file's
-// dense GPU way builds ~24 per chunk of a part. 0 for any other file.
+// dense GPU way builds ~30 per chunk of a part. 0 for any other file.
 uint32_t llama_pi_graph_extra_nodes(const llama_model & model);
 
 // Room for the few metadata-only tensors that ask a backend about an op (none joins a graph: a
@@ -103,8 +113,8 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
 
 // After the weights are loaded: each part's counters (llama_pi_layer::counters), zeroed, in a
 // buffer of the type that holds its rows (CPU memory for rows in host memory), so that the
-// backend running the part's op adds to them where they lie.
-void llama_pi_alloc_counters(llama_model_base & model);
+// backend running the part's op adds to them where they lie; and each part's copy_all_from.
+void llama_pi_loaded(llama_model_base & model);
 
 // The dense gated FFN of one layer with hparams.pi.ffn_act. The one place a llama-family graph
 // builds its FFN: the sparse FFN branches off here.

@@ -2,6 +2,7 @@
 // run-time keys (kv overrides first), and each layer's tensors with their shapes and types checked.
 #include "llama-powerinfer-impl.h"
 
+#include "llama-impl.h"
 #include "llama-model.h"
 #include "llama-model-loader.h"
 
@@ -9,6 +10,9 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cinttypes>
+#include <climits>
+#include <cmath>
 #include <iterator>
 #include <stdexcept>
 #include <string>
@@ -102,6 +106,29 @@ static uint32_t pi_runtime_way(const llama_model_loader & ml) {
     throw std::runtime_error("powerinfer: " LLAMA_PI_KEY_RT_WAY " = '" + way + "' (known: auto, pairs, tiles, dense)");
 }
 
+// A float32 array key's values, or none when the file lacks it (it is optional)
+static std::vector<float> pi_f32_array(const gguf_context * meta, const char * key) {
+    const int64_t id = gguf_find_key(meta, key);
+    if (id < 0) {
+        return {};
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, id) != GGUF_TYPE_FLOAT32) {
+        throw std::runtime_error(std::string("powerinfer: ") + key + " is not an array of float32");
+    }
+    const float * v = (const float *) gguf_get_arr_data(meta, id);
+    return std::vector<float>(v, v + gguf_get_arr_n(meta, id));
+}
+
+// select_per_fire from the predictors' held-out recall and precision
+static void pi_load_select_per_fire(const gguf_context * meta, llama_pi_hparams & pi) {
+    const std::vector<float> recall = pi_f32_array(meta, LLAMA_PI_KEY_PREDICTOR_RECALL);
+    const std::vector<float> precision = pi_f32_array(meta, LLAMA_PI_KEY_PREDICTOR_PRECISION);
+    for (size_t il = 0; il < pi.select_per_fire.size(); ++il) {
+        const bool known = il < recall.size() && il < precision.size() && precision[il] > 0.0f && recall[il] > 0.0f;
+        pi.select_per_fire[il] = known ? recall[il] / precision[il] : 1.0f;
+    }
+}
+
 void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
     const gguf_context * meta = ml.metadata;
     hparams.pi.sparse = false;
@@ -140,6 +167,7 @@ void llama_pi_load_meta(llama_model_loader & ml, llama_hparams & hparams) {
     }
     hparams.pi.pred_relu = pact == "relu";
     hparams.pi.sparse = true;
+    pi_load_select_per_fire(meta, hparams.pi);
 
     hparams.pi.rt_sparse     = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_SPARSE, true);
     hparams.pi.rt_all_active = llama_pi_runtime_bool(ml, LLAMA_PI_KEY_RT_ALL_ACTIVE, false);
@@ -235,10 +263,59 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
     }
 }
 
-void llama_pi_alloc_counters(llama_model_base & model) {
-    if (!model.hparams.pi.sparse) {
+// Expected share of rows [0, n) that some token of a T-token ubatch selects, tokens taken as
+// independent: the mean over rows of 1 - (1 - p)^T, p a row's firing frequency times `per_fire`
+static double pi_expected_union(const float * freq, int64_t n, double per_fire, int64_t T) {
+    double sum = 0.0;
+    for (int64_t r = 0; r < n; ++r) {
+        const double p = std::min(1.0, std::max(0.0, (double) freq[r] * per_fire));
+        sum += p >= 1.0 ? 1.0 : -std::expm1((double) T * std::log1p(-p));
+    }
+    return sum / (double) n;
+}
+
+// The fewest tokens from which that share reaches LLAMA_PI_GATHER_MAX_SHARE (it grows with T)
+static int32_t pi_copy_all_from(const float * freq, int64_t n, double per_fire) {
+    int64_t lo = 1, hi = 1 << 20;
+    if (pi_expected_union(freq, n, per_fire, hi) < LLAMA_PI_GATHER_MAX_SHARE) {
+        return INT32_MAX;
+    }
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (pi_expected_union(freq, n, per_fire, mid) >= LLAMA_PI_GATHER_MAX_SHARE) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    return (int32_t) lo;
+}
+
+// copy_all_from of a layer's parts, from its neuron frequencies (in host memory once loaded)
+static void pi_plan_copies(const llama_pi_hparams & pi, llama_layer & layer, int il) {
+    const ggml_tensor * freq = layer.pi.neuron_freq;
+    if (freq == nullptr || freq->data == nullptr || freq->buffer == nullptr || !ggml_backend_buffer_is_host(freq->buffer)) {
         return;
     }
+    const ggml_tensor * parts[2] = { layer.ffn_gate, layer.pi.ffn_gate_cold };
+    int64_t r0 = 0;
+    for (int part = 0; part < 2 && parts[part] != nullptr; ++part) {
+        const int64_t n_rows = parts[part]->ne[1];
+        layer.pi.copy_all_from[part].clear();
+        if (parts[part]->buffer == nullptr || !ggml_backend_buffer_is_host(parts[part]->buffer)) {
+            r0 += n_rows; // rows in a device's memory: never brought over
+            continue;
+        }
+        for (int64_t c0 = 0; c0 < n_rows; c0 += LLAMA_PI_GPU_CHUNK_ROWS) {
+            const int64_t n = std::min(LLAMA_PI_GPU_CHUNK_ROWS, n_rows - c0);
+            layer.pi.copy_all_from[part].push_back(
+                pi_copy_all_from((const float *) freq->data + r0 + c0, n, pi.select_per_fire[il]));
+        }
+        r0 += n_rows;
+    }
+}
+
+static void pi_alloc_counters(llama_model_base & model) {
     for (size_t il = 0; il < model.layers.size(); ++il) {
         llama_layer & layer = model.layers[il];
         auto store = std::make_shared<llama_pi_counter_store>();
@@ -265,5 +342,38 @@ void llama_pi_alloc_counters(llama_model_base & model) {
         layer.pi.counters      = counters_by(layer.ffn_gate, "pi_counters");
         layer.pi.counters_cold = counters_by(layer.pi.ffn_gate_cold, "pi_counters_cold");
         layer.pi.counter_store = std::move(store);
+    }
+}
+
+// Whether a GPU is there to bring rows in CPU memory over (else nothing is ever copied)
+static bool pi_any_gpu() {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        if (llama_pi_dev_is_gpu(ggml_backend_dev_get(i))) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void llama_pi_loaded(llama_model_base & model) {
+    if (!model.hparams.pi.sparse) {
+        return;
+    }
+    pi_alloc_counters(model);
+    std::vector<int32_t> from;
+    for (size_t il = 0; il < model.layers.size() && pi_any_gpu(); ++il) {
+        llama_layer & layer = model.layers[il];
+        pi_plan_copies(model.hparams.pi, layer, (int) il);
+        for (const std::vector<int32_t> & part : layer.pi.copy_all_from) {
+            from.insert(from.end(), part.begin(), part.end());
+        }
+    }
+    if (!from.empty()) {
+        std::sort(from.begin(), from.end());
+        auto tokens = [](int32_t t) { return t == INT32_MAX ? std::string("never") : std::to_string(t); };
+        LLAMA_LOG_INFO("%s: powerinfer: a large ubatch brings FFN rows in CPU memory to the GPU %zu chunks of %" PRId64
+                       " rows at a time, a chunk whole from %s tokens (median; %s to %s), below that only the rows "
+                       "its tokens select\n", __func__, from.size(), LLAMA_PI_GPU_CHUNK_ROWS, tokens(from[from.size() / 2]).c_str(),
+                       tokens(from.front()).c_str(), tokens(from.back()).c_str());
     }
 }

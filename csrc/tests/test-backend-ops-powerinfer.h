@@ -98,30 +98,35 @@ struct test_pi_sparse_ffn : public test_case {
 };
 
 // GGML_OP_PI_GATHER_ROWS: kept rows copied, the others zero, on every backend against the CPU;
-// rows of widths that take 16-, 4- and 1-byte loads, and a view of rows of a larger weight
+// rows of widths that take 16-, 4- and 1-byte loads, and a view of rows of a larger weight; async:
+// on a GPU's copy stream, copied on the compute stream after ggml_pi_gathered
 struct test_pi_gather_rows : public test_case {
     const ggml_type type;
     const int64_t n_embd;
     const int64_t n_rows;
-    const float   kept;   // share of rows with a count > 0
+    const float   kept;   // share of rows with a count > 0; < 0: no count (every row)
     const int64_t r0;     // the op reads rows [r0, r0 + n_rows) of a weight of n_rows + r0 rows
+    const bool    async;
     std::mt19937  rng{42};
 
     std::string vars() override {
-        return VARS_TO_STR5(type, n_embd, n_rows, kept, r0);
+        return VARS_TO_STR6(type, n_embd, n_rows, kept, r0, async);
     }
 
     test_pi_gather_rows(ggml_type type = GGML_TYPE_F16, int64_t n_embd = 256, int64_t n_rows = 300, float kept = 0.7f,
-                        int64_t r0 = 0)
-        : type(type), n_embd(n_embd), n_rows(n_rows), kept(kept), r0(r0) {}
+                        int64_t r0 = 0, bool async = false)
+        : type(type), n_embd(n_embd), n_rows(n_rows), kept(kept), r0(r0), async(async) {}
 
     ggml_tensor * build_graph(ggml_context * ctx) override {
         ggml_tensor * w = ggml_new_tensor_2d(ctx, type, n_embd, n_rows + r0);
-        ggml_tensor * count = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
+        ggml_tensor * count = kept < 0 ? nullptr : ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_rows);
         ggml_set_name(w, "w");
-        ggml_set_name(count, "count");
+        if (count) {
+            ggml_set_name(count, "count");
+        }
         ggml_tensor * rows = r0 ? ggml_view_2d(ctx, w, n_embd, n_rows, w->nb[1], r0 * w->nb[1]) : w;
-        ggml_tensor * out = ggml_pi_gather_rows(ctx, rows, count);
+        ggml_tensor * out = async ? ggml_cont(ctx, ggml_pi_gathered(ctx, ggml_pi_gather_rows_async(ctx, rows, count))) :
+                                    ggml_pi_gather_rows(ctx, rows, count);
         ggml_set_name(out, "out");
         return out;
     }
@@ -143,6 +148,15 @@ struct test_pi_gather_rows : public test_case {
 
     double max_nmse_err() override {
         return 0.0; // a copy
+    }
+
+    bool run_whole_graph() override {
+        return async; // a node at a time would read the gather before anything waited for it
+    }
+
+    std::string op_desc(ggml_tensor * t) override {
+        GGML_UNUSED(t);
+        return "PI_GATHER_ROWS"; // the async case's output is the copy after the wait
     }
 };
 
@@ -177,6 +191,10 @@ static void pi_test_cases_eval(std::vector<std::unique_ptr<test_case>> & test_ca
             }
         }
         test_cases.emplace_back(new test_pi_gather_rows(type, 256, 300, 0.5f, 77));
+        test_cases.emplace_back(new test_pi_gather_rows(type, 4096, 300, 0.7f, 77, true));
+        for (bool async : { false, true }) {
+            test_cases.emplace_back(new test_pi_gather_rows(type, 4096, 300, -1.0f, 77, async)); // every row: a copy
+        }
     }
     test_cases.emplace_back(new test_pi_gather_rows(GGML_TYPE_F16, 255, 300, 0.5f)); // odd bytes: 1-byte loads
     // the dense way's down on a GPU: out_prod(down_t, h^T), down_t F16 (CUDA: pi-out-prod.cu) or

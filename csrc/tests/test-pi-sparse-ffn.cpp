@@ -13,7 +13,8 @@
 //                               over (what the scheduler does without the gather): the crossover
 //                               between the two is the share below which gathering wins; then
 //                               the dense GPU way's steps on one chunk of a 13B layer (4096 rows,
-//                               a 512-token ubatch, all in GPU memory): where its time goes
+//                               a 512-token ubatch, all in GPU memory): where its time goes;
+//                               then a 13B layer's chunks, gathered in order or on the copy stream
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -242,17 +243,21 @@ std::vector<pi_case> pi_cases() {
 } // namespace
 
 // Rows [r0, r0 + n_rows) of a weight of F16 / Q4_0 rows, gathered by `backend` with the weight in
-// its device's host buffer where it has one (as the graph does), else in the backend's memory.
-// Returns whether the kept rows came back byte for byte and the others as zeros.
-bool pi_check_gather(ggml_backend_t backend, ggml_type type, int64_t n_embd, int64_t n_rows, int64_t r0, uint32_t seed) {
+// its device's host buffer where it has one (as the graph does), else in the backend's memory;
+// `async`: on the copy stream, then copied on the compute stream after ggml_pi_gathered (a wait
+// that does not hold would copy rows not yet there). Returns whether the kept rows came back byte
+// for byte and the others as zeros.
+bool pi_check_gather(ggml_backend_t backend, ggml_type type, int64_t n_embd, int64_t n_rows, int64_t r0, bool async,
+                     uint32_t seed) {
     ggml_init_params ip = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
     ggml_context * ctx_w = ggml_init(ip);
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * w = ggml_new_tensor_2d(ctx_w, type, n_embd, r0 + n_rows);
     ggml_tensor * count = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_rows);
     ggml_tensor * rows = ggml_view_2d(ctx, w, n_embd, n_rows, w->nb[1], r0 * w->nb[1]);
-    ggml_tensor * out = ggml_pi_gather_rows(ctx, rows, count);
-    bool ok = ggml_backend_supports_op(backend, out);
+    ggml_tensor * out = async ? ggml_cont(ctx, ggml_pi_gathered(ctx, ggml_pi_gather_rows_async(ctx, rows, count))) :
+                                ggml_pi_gather_rows(ctx, rows, count);
+    bool ok = ggml_backend_supports_op(backend, async ? out->src[0]->src[0] : out) && ggml_backend_supports_op(backend, out);
     ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(backend));
     ggml_backend_buffer_t buf_w = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, host ? host : ggml_backend_get_default_buffer_type(backend));
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, backend);
@@ -379,6 +384,106 @@ void pi_perf_dense_chunk(ggml_backend_t be) {
     ggml_free(ctx);
 }
 
+// A 13B layer's FFN over a 512-token ubatch, every row in the GPU's host buffer and every row
+// kept (what a 512-token ubatch selects at 13B), as the dense GPU way builds it
+// (llama-powerinfer-graph.cpp): chunks of 2048 rows, each brought over then multiplied. Ways: the
+// gathers in order (each chunk's right before its GEMMs); on the copy stream during the GEMMs of
+// the chunk before; the same with every row copied by the copy engine (no count). Memory planned
+// by ggml-alloc as llama.cpp's graphs are (it hands freed memory on); sums checked against the
+// in-order way's.
+void pi_perf_layer_pipeline(ggml_backend_t be) {
+    ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(be));
+    if (host == nullptr) {
+        return;
+    }
+    const int64_t n_embd = 5120, n_ff = 13824, n_tok = 512, chunk = 2048; // LLAMA_PI_GPU_CHUNK_ROWS
+    ggml_init_params ip_w = { ggml_tensor_overhead() * 4, nullptr, true };
+    ggml_context * ctx_w = ggml_init(ip_w);
+    ggml_tensor * gate = ggml_new_tensor_2d(ctx_w, GGML_TYPE_F16, n_embd, n_ff);
+    ggml_tensor * up = ggml_new_tensor_2d(ctx_w, GGML_TYPE_F16, n_embd, n_ff);
+    ggml_tensor * down_t = ggml_new_tensor_2d(ctx_w, GGML_TYPE_F16, n_embd, n_ff);
+    ggml_backend_buffer_t buf_w = ggml_backend_alloc_ctx_tensors_from_buft(ctx_w, host);
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+    for (ggml_tensor * w : { gate, up, down_t }) {
+        std::vector<ggml_fp16_t> v(ggml_nelements(w));
+        for (ggml_fp16_t & e : v) {
+            e = ggml_fp32_to_fp16(u(rng));
+        }
+        ggml_backend_tensor_set(w, v.data(), 0, ggml_nbytes(w));
+    }
+    std::vector<float> xs(n_embd * n_tok), ones(n_ff, 1.0f), ref;
+    for (float & e : xs) {
+        e = u(rng) * 20;
+    }
+    const double gb = 3.0 * ggml_nbytes(gate) / 1e9;
+    const char * names[] = { "gathered in order", "gathered on the copy stream", "copied whole on the copy stream" };
+    double t_in_order = 0;
+    for (int way = 0; way < 3; ++way) {
+        const bool async = way > 0;
+        ggml_init_params ip = { ggml_tensor_overhead() * 256 + ggml_graph_overhead(), nullptr, true };
+        ggml_context * ctx = ggml_init(ip);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
+        ggml_tensor * count = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_ff);
+        ggml_set_input(x);
+        ggml_set_input(count);
+        ggml_set_output(x); // kept across runs: ggml-alloc would hand their memory on after their last reader
+        ggml_set_output(count);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        auto select = [&](int64_t c0) { // gate, up, down_t of a chunk, brought over
+            const int64_t n = std::min(chunk, n_ff - c0);
+            ggml_tensor * c = way == 2 ? nullptr : ggml_view_1d(ctx, count, n, c0 * sizeof(float));
+            std::vector<ggml_tensor *> g;
+            for (ggml_tensor * w : { gate, up, down_t }) {
+                ggml_tensor * rows = ggml_view_2d(ctx, w, n_embd, n, w->nb[1], c0 * w->nb[1]);
+                g.push_back(async ? ggml_pi_gather_rows_async(ctx, rows, c) : ggml_pi_gather_rows(ctx, rows, c));
+                ggml_build_forward_expand(gf, g.back());
+            }
+            return g;
+        };
+        ggml_tensor * out = nullptr;
+        std::vector<ggml_tensor *> next = select(0);
+        for (int64_t c0 = 0; c0 < n_ff; c0 += chunk) {
+            std::vector<ggml_tensor *> g = async || c0 == 0 ? next : select(c0);
+            if (async && c0 + chunk < n_ff) {
+                next = select(c0 + chunk);
+            }
+            for (ggml_tensor *& t : g) {
+                t = async ? ggml_pi_gathered(ctx, t) : t;
+            }
+            ggml_tensor * h = ggml_mul(ctx, ggml_relu(ctx, ggml_mul_mat(ctx, g[0], x)), ggml_mul_mat(ctx, g[1], x));
+            ggml_tensor * o = ggml_out_prod(ctx, g[2], ggml_transpose(ctx, h));
+            out = out ? ggml_add(ctx, out, o) : o;
+            ggml_build_forward_expand(gf, out);
+        }
+        ggml_set_output(out);
+        ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+        if (!ggml_backend_supports_op(be, out->src[1]) || !ggml_gallocr_alloc_graph(galloc, gf)) {
+            printf("%s: layer pipeline: not supported\n", ggml_backend_name(be));
+        } else {
+            ggml_backend_tensor_set(x, xs.data(), 0, ggml_nbytes(x));
+            if (way != 2) {
+                ggml_backend_tensor_set(count, ones.data(), 0, ggml_nbytes(count));
+            }
+            const double t = pi_best_seconds(be, 3, [&] { ggml_backend_graph_compute(be, gf); });
+            std::vector<float> got(ggml_nelements(out));
+            ggml_backend_tensor_get(out, got.data(), 0, ggml_nbytes(out));
+            if (way == 0) {
+                ref = got;
+                t_in_order = t;
+            }
+            const double err = pi_nmse(got, ref);
+            printf("%s: a 13B layer's FFN, 512 tokens, every row from host memory (%.3f GB), %s: %.2f ms "
+                   "(%.1f GB/s of rows), %.2fx in order's time; nmse against in order %.2g %s\n", ggml_backend_name(be), gb,
+                   names[way], t * 1e3, gb / t, t / t_in_order, err, err < 1e-6 ? "ok" : "FAIL");
+        }
+        ggml_gallocr_free(galloc);
+        ggml_free(ctx);
+    }
+    ggml_backend_buffer_free(buf_w);
+    ggml_free(ctx_w);
+}
+
 int main(int argc, char ** argv) {
     const bool verbose = argc > 1 && strcmp(argv[1], "-v") == 0;
     if (argc > 1 && strcmp(argv[1], "--perf") == 0) {
@@ -389,6 +494,7 @@ int main(int argc, char ** argv) {
                 ggml_backend_t be = ggml_backend_dev_init(dev, nullptr);
                 pi_perf_gather(be);
                 pi_perf_dense_chunk(be);
+                pi_perf_layer_pipeline(be);
                 ggml_backend_free(be);
             }
         }
@@ -473,13 +579,15 @@ int main(int argc, char ** argv) {
             { GGML_TYPE_F16, 4096 }, { GGML_TYPE_F16, 258 }, { GGML_TYPE_F16, 255 }, { GGML_TYPE_Q4_0, 512 } };
         for (const auto & sh : shapes) {
             for (int64_t r0 : { 0, 37 }) {
-                const bool ok = pi_check_gather(be, sh.type, sh.n_embd, 300, r0, seed++);
-                if (!ok || verbose) {
-                    printf("%s %s gather_rows %s n_embd=%lld r0=%lld\n", ok ? "ok  " : "FAIL", ggml_backend_name(be),
-                           ggml_type_name(sh.type), (long long) sh.n_embd, (long long) r0);
+                for (bool async : { false, true }) {
+                    const bool ok = pi_check_gather(be, sh.type, sh.n_embd, 300, r0, async, seed++);
+                    if (!ok || verbose) {
+                        printf("%s %s gather_rows%s %s n_embd=%lld r0=%lld\n", ok ? "ok  " : "FAIL", ggml_backend_name(be),
+                               async ? " async" : "", ggml_type_name(sh.type), (long long) sh.n_embd, (long long) r0);
+                    }
+                    ++n_run;
+                    n_fail += !ok;
                 }
-                ++n_run;
-                n_fail += !ok;
             }
         }
         if (!is_cpu) {

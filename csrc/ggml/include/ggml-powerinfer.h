@@ -6,7 +6,7 @@
 // (`down_t`), so an active neuron costs three row reads (gate, up, down) and an inactive one costs
 // nothing.
 // GGML_OP_PI_GATHER_ROWS: the rows of a weight that a ubatch selects, for a dense GPU FFN over rows
-// kept in CPU memory: only those rows cross the bus.
+// kept in CPU memory: only those rows cross the bus, beside the compute when asked (async).
 #pragma once
 
 #include "ggml.h"
@@ -87,7 +87,8 @@ extern "C" {
     // out = w with every row r whose count[r] <= 0 replaced by zeros (the others copied as bytes)
     //
     //   w      [n_embd, n_rows]  any type; rows contiguous (a view of rows of a weight is fine)
-    //   count  F32, n_rows contiguous values (e.g. how many tokens select each row)
+    //   count  F32, n_rows contiguous values (e.g. how many tokens select each row), or NULL: every
+    //          row kept (a GPU then copies w with its copy engine, no SMs, at the bus's full rate)
     //
     // Result: contiguous, w's type and shape. A backend that reads w where it lies (the GPU, from
     // its pinned host memory: ggml_pi_reads_in_place) touches only the rows kept.
@@ -95,6 +96,32 @@ extern "C" {
             struct ggml_context * ctx,
             struct ggml_tensor  * w,
             struct ggml_tensor  * count);
+
+    // How a gather runs (op_params[0]). A GPU runs an async one on a stream of its own, beside the
+    // graph's compute stream, so that rows cross the bus while the GEMMs of rows brought over
+    // before run; its readers take it through ggml_pi_gathered, which waits for it. Other backends
+    // run it in order (waiting is then nothing).
+    enum ggml_pi_gather_mode {
+        GGML_PI_GATHER_IN_ORDER = 0,
+        GGML_PI_GATHER_ASYNC    = 1,
+        GGML_PI_GATHER_WAIT     = 2, // ggml_pi_gathered's node
+    };
+
+    // ggml_pi_gather_rows on a GPU's copy stream. Memory the graph freed before it is not written
+    // until the work before it is done; read its result only through ggml_pi_gathered.
+    GGML_API struct ggml_tensor * ggml_pi_gather_rows_async(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * w,
+            struct ggml_tensor  * count);
+
+    // A view of `gathered` (a ggml_pi_gather_rows_async result) whose readers run after the gather
+    // is done. It also keeps the gather's count alive until then (the gather still reads it).
+    // The wait is a mode of GGML_OP_PI_GATHER_ROWS (no op of its own: ggml's op table stays as is).
+    GGML_API struct ggml_tensor * ggml_pi_gathered(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * gathered);
+
+    GGML_API enum ggml_pi_gather_mode ggml_pi_gather_rows_mode(const struct ggml_tensor * op);
 
     // Whether `backend` reads source j of `node` where it lies rather than from a copy the
     // scheduler makes: the weight of a gather held in the pinned host memory of the backend's

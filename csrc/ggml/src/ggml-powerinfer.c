@@ -73,7 +73,8 @@ struct ggml_pi_sparse_stats * ggml_pi_sparse_ffn_stats(const struct ggml_tensor 
 struct ggml_tensor * ggml_pi_gather_rows(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * count) {
     GGML_ASSERT(w->ne[2] == 1 && w->ne[3] == 1);
     GGML_ASSERT(w->nb[0] == ggml_type_size(w->type)); // rows are contiguous bytes
-    GGML_ASSERT(count->type == GGML_TYPE_F32 && ggml_nelements(count) == w->ne[1] && ggml_is_contiguous(count));
+    GGML_ASSERT(count == NULL ||
+                (count->type == GGML_TYPE_F32 && ggml_nelements(count) == w->ne[1] && ggml_is_contiguous(count)));
 
     struct ggml_tensor * result = ggml_new_tensor_2d(ctx, w->type, w->ne[0], w->ne[1]);
     result->op     = GGML_OP_PI_GATHER_ROWS;
@@ -82,8 +83,30 @@ struct ggml_tensor * ggml_pi_gather_rows(struct ggml_context * ctx, struct ggml_
     return result;
 }
 
+struct ggml_tensor * ggml_pi_gather_rows_async(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * count) {
+    struct ggml_tensor * result = ggml_pi_gather_rows(ctx, w, count);
+    const int32_t mode = GGML_PI_GATHER_ASYNC;
+    ggml_set_op_params(result, &mode, sizeof(mode));
+    return result;
+}
+
+struct ggml_tensor * ggml_pi_gathered(struct ggml_context * ctx, struct ggml_tensor * gathered) {
+    GGML_ASSERT(gathered->op == GGML_OP_PI_GATHER_ROWS && ggml_pi_gather_rows_mode(gathered) == GGML_PI_GATHER_ASYNC);
+    struct ggml_tensor * result = ggml_view_tensor(ctx, gathered); // no memory of its own
+    const int32_t mode = GGML_PI_GATHER_WAIT;
+    ggml_set_op_params(result, &mode, sizeof(mode));
+    result->op     = GGML_OP_PI_GATHER_ROWS;
+    result->src[0] = gathered;
+    result->src[1] = gathered->src[1];
+    return result;
+}
+
+enum ggml_pi_gather_mode ggml_pi_gather_rows_mode(const struct ggml_tensor * op) {
+    return (enum ggml_pi_gather_mode) ggml_get_op_params_i32(op, 0);
+}
+
 bool ggml_pi_reads_in_place(ggml_backend_t backend, const struct ggml_tensor * node, int j) {
-    if (node->op != GGML_OP_PI_GATHER_ROWS || j != 0) {
+    if (node->op != GGML_OP_PI_GATHER_ROWS || j != 0 || ggml_pi_gather_rows_mode(node) == GGML_PI_GATHER_WAIT) {
         return false;
     }
     const struct ggml_tensor * w = node->src[0];

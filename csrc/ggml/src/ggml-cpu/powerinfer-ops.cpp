@@ -964,17 +964,20 @@ extern "C" void ggml_compute_forward_pi_sparse_ffn(const ggml_compute_params * p
 }
 
 // The reference of GGML_OP_PI_GATHER_ROWS (a GPU reads only the kept rows; here every row is in
-// reach anyway): rows split evenly over the threads.
+// reach anyway): rows split evenly over the threads. In order whatever its mode: nothing to wait for.
 extern "C" void ggml_compute_forward_pi_gather_rows(const ggml_compute_params * params, ggml_tensor * dst) {
+    if (ggml_pi_gather_rows_mode(dst) == GGML_PI_GATHER_WAIT) {
+        return;
+    }
     const ggml_tensor * w     = dst->src[0];
-    const float *       count = (const float *) dst->src[1]->data;
+    const float *       count = dst->src[1] ? (const float *) dst->src[1]->data : nullptr; // null: every row
     const int64_t n_rows = w->ne[1];
     const size_t  row_b  = ggml_row_size(w->type, w->ne[0]);
     const int64_t per    = (n_rows + params->nth - 1) / params->nth;
     const int64_t r1     = std::min(n_rows, per * (params->ith + 1));
     for (int64_t r = per * params->ith; r < r1; ++r) {
         char * out = (char *) dst->data + r * dst->nb[1];
-        if (count[r] > 0.0f) {
+        if (count == nullptr || count[r] > 0.0f) {
             memcpy(out, (const char *) w->data + r * w->nb[1], row_b);
         } else {
             memset(out, 0, row_b);
