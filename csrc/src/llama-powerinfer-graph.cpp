@@ -148,11 +148,10 @@ static bool pi_gpu_reads_in_place(ggml_backend_t gpu, ggml_tensor * w) {
     return ggml_backend_supports_op(gpu, probe) && ggml_pi_reads_in_place(gpu, probe, 0);
 }
 
-// Rows [c0, c0 + n) of a part
+// Rows [c0, c0 + n) of a part's weights (its selection is the part's: pi_selection_rows)
 static pi_ffn_part pi_part_rows(ggml_context * ctx0, const pi_ffn_part & p, int64_t c0, int64_t n) {
     auto rows = [&](ggml_tensor * w) { return ggml_view_2d(ctx0, w, w->ne[0], n, w->nb[1], c0 * w->nb[1]); };
-    return { rows(p.gate), rows(p.up), rows(p.down_t),
-             p.threshold ? ggml_view_1d(ctx0, p.threshold, n, c0 * sizeof(float)) : nullptr, p.r0 + c0 };
+    return { rows(p.gate), rows(p.up), rows(p.down_t), nullptr, p.r0 + c0 };
 }
 
 // A part's selection for a ubatch: mask [n_rows, T], 1 where the predictor selects (row, token)
@@ -232,7 +231,7 @@ static pi_dense_rows pi_bring_rows(const llm_graph_context & g, pi_ffn_part p, c
         bring = PI_BRING_WHOLE; // every row is computed
     }
     const bool async = bring != PI_BRING_BY_SCHEDULER;
-    if (bring != PI_BRING_BY_SCHEDULER) {
+    if (async) {
         ggml_tensor * count = bring == PI_BRING_SELECTED ? sel.count : nullptr; // null: every row
         p.gate   = ggml_pi_gather_rows_async(ctx0, p.gate,   count);
         p.up     = ggml_pi_gather_rows_async(ctx0, p.up,     count);
