@@ -3,7 +3,9 @@
 # powerinfer_gguf.Llama use them over our patched libllama: LLAMA_CPP_LIB_PATH once it is built).
 # llama_cpp imports diskcache at import time (for LlamaDiskCache, which nothing here uses) and that
 # machine has no diskcache: a stand-in module that refuses to be used.
-export PI_CACHE=/tmp/pi-cache PI_SDIST=$PWD/.gpu/llama-src.tar.xz PI_OFFLINE=1 PYTHONUNBUFFERED=1
+# PI_CUDA_FA=0: both sides built without FlashAttention kernels (a faster build), the build folders
+# named for it (-nofa): every script that sources this one finds the same build
+export PI_CACHE=/tmp/pi-cache PI_SDIST=$PWD/.gpu/llama-src.tar.xz PI_OFFLINE=1 PYTHONUNBUFFERED=1 PI_CUDA_FA=${PI_CUDA_FA:-0}
 export PYTHONPATH=$PWD
 GGUF_PY=$(python3 -c "from powerinfer_gguf import build; print(build.stock_llama_source() / 'gguf-py')" | tail -1) || exit 1
 STOCK_SRC=$(python3 -c "from powerinfer_gguf import build; print(build.stock_source())" | tail -1)

@@ -12,7 +12,6 @@
 #                                after prompts of 1 and 64, pp512
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PI_CUDA_FA=0
 source tools/gpu-env.sh
 P=${PRESET:-13b}
 B=${BUDGET:-10}

@@ -8,6 +8,7 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <vector>
 
 // Whether the GPU runs out_prod(w, h^T) for a weight of w's type and shape
@@ -146,6 +147,16 @@ static bool pi_gpu_reads_in_place(ggml_backend_t gpu, ggml_tensor * w) {
     ggml_tensor * count = ggml_new_tensor_1d(probe_ctx.ctx, GGML_TYPE_F32, w->ne[1]);
     ggml_tensor * probe = ggml_pi_gather_rows(probe_ctx.ctx, w, count); // not in the graph: only asks the GPU
     return ggml_backend_supports_op(gpu, probe) && ggml_pi_reads_in_place(gpu, probe, 0);
+}
+
+// A layer's parts: its hot rows, then (a split layer) its cold rows
+static std::vector<pi_ffn_part> pi_layer_parts(const llama_layer & layer) {
+    std::vector<pi_ffn_part> parts = { { layer.ffn_gate, layer.ffn_up, layer.pi.ffn_down_t, layer.pi.pred_threshold, 0 } };
+    if (layer.pi.ffn_gate_cold) {
+        parts.push_back({ layer.pi.ffn_gate_cold, layer.pi.ffn_up_cold, layer.pi.ffn_down_t_cold,
+                          layer.pi.pred_threshold_cold, layer.ffn_gate->ne[1] });
+    }
+    return parts;
 }
 
 // Rows [c0, c0 + n) of a part's weights (its selection is the part's: pi_selection_rows)
@@ -296,23 +307,73 @@ static pi_bring pi_bring_chunk(const llama_layer & layer, const pi_ffn_part & p,
     return k < (int64_t) from.size() && n_tokens >= from[k] ? PI_BRING_WHOLE : PI_BRING_SELECTED;
 }
 
+// The first chunk of layer il+1's part in CPU memory (the one the dense GPU way brings over),
+// asked for in layer il's graph before its last chunk's GEMMs: the copy stream, otherwise idle from
+// there until il+1's selection (il's last GEMMs, il+1's attention, predictor and hot rows), copies
+// it meanwhile. Only where il+1 takes the dense GPU way on the same GPU, reading its rows in place,
+// and is expected to copy that chunk whole anyway: the copy needs none of il+1's selection. Named
+// for il+1 (ffn_pi_prefetch_*), where pi_prefetched finds it; a split of the scheduler's between
+// them is safe: every CUDA graph's end joins the copy stream (patches/0002).
+static void pi_prefetch_next(const llm_graph_context & g, const llama_layer & next, int il_next, ggml_tensor * cur,
+                             ggml_backend_t gpu) {
+    if (next.pi.ffn_down_t == nullptr) {
+        return;
+    }
+    const pi_ffn_part q = pi_layer_parts(next).back();
+    ggml_backend_t q_gpu = nullptr;
+    if (pi_choose_way(g, q, cur, q_gpu) != PI_WAY_DENSE_GPU || q_gpu != gpu || !pi_gpu_reads_in_place(gpu, q.gate) ||
+        pi_bring_chunk(next, q, 0, cur->ne[1]) != PI_BRING_WHOLE) {
+        return;
+    }
+    const int64_t n_rows = q.gate->ne[1];
+    const int64_t n = std::min(LLAMA_PI_GPU_CHUNK_ROWS, n_rows);
+    const pi_dense_rows r = pi_bring_rows(g, n == n_rows ? q : pi_part_rows(g.ctx0, q, 0, n), {}, il_next, gpu, PI_BRING_WHOLE);
+    g.cb(r.p.gate, "ffn_pi_prefetch_gate", il_next);
+    g.cb(r.p.up, "ffn_pi_prefetch_up", il_next);
+    g.cb(r.p.down_t, "ffn_pi_prefetch_down", il_next);
+    for (ggml_tensor * t : { r.p.gate, r.p.up, r.p.down_t }) {
+        ggml_build_forward_expand(g.gf, t);
+    }
+}
+
+// Layer il's first chunk as pi_prefetch_next asked for it in the layer before, if it did
+static bool pi_prefetched(const llm_graph_context & g, int il, pi_ffn_part & p) {
+    char name[GGML_MAX_NAME];
+    auto find = [&](const char * w) {
+        snprintf(name, sizeof(name), "ffn_pi_prefetch_%s-%d", w, il);
+        return ggml_graph_get_tensor(g.gf, name);
+    };
+    ggml_tensor * gate = find("gate");
+    if (gate == nullptr) {
+        return false;
+    }
+    p = { gate, find("up"), find("down"), nullptr, p.r0 };
+    return true;
+}
+
 // A part's dense FFN on the GPU with its rows in CPU memory, LLAMA_PI_GPU_CHUNK_ROWS rows at a
 // time, the chunks' sums added. Where the GPU reads the rows in place, a chunk's rows come over on
 // the GPU's copy stream while the GEMMs of the chunk before run: in the graph's order (which the
 // GPU runs and ggml-alloc plans memory by) chunk k+1's copies come before chunk k's GEMMs, so two
-// chunks' staging are alive at once. Otherwise the scheduler copies each chunk's rows before its
-// GEMMs.
+// chunks' staging are alive at once; the last chunk's GEMMs come after the next layer's first
+// chunk is asked for (pi_prefetch_next; `next`: that layer, null for none). Otherwise the
+// scheduler copies each chunk's rows before its GEMMs.
 static ggml_tensor * pi_build_dense_gpu_part(const llm_graph_context & g, ggml_tensor * cur, const pi_ffn_part & p,
-                                             ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu) {
+                                             ggml_tensor * score, const llama_layer & layer, int il, ggml_backend_t gpu,
+                                             const llama_layer * next) {
     const int64_t n_rows = p.gate->ne[1];
     const bool in_place = pi_gpu_reads_in_place(gpu, p.gate);
     const pi_selection sel = pi_select(g, score, p.threshold, il, gpu, in_place);
     auto select_chunk = [&](int64_t c0) {
         const int64_t n = std::min(LLAMA_PI_GPU_CHUNK_ROWS, n_rows - c0);
         const bool all = c0 == 0 && n == n_rows;
+        const pi_selection chunk_sel = all ? sel : pi_selection_rows(g.ctx0, sel, c0, n);
+        pi_ffn_part prefetched = p;
+        if (c0 == 0 && in_place && pi_prefetched(g, il, prefetched)) {
+            return pi_dense_rows{ prefetched, chunk_sel.mask, true };
+        }
         const pi_bring bring = in_place ? pi_bring_chunk(layer, p, c0 / LLAMA_PI_GPU_CHUNK_ROWS, cur->ne[1]) : PI_BRING_BY_SCHEDULER;
-        pi_dense_rows r = pi_bring_rows(g, all ? p : pi_part_rows(g.ctx0, p, c0, n),
-                                        all ? sel : pi_selection_rows(g.ctx0, sel, c0, n), il, gpu, bring);
+        pi_dense_rows r = pi_bring_rows(g, all ? p : pi_part_rows(g.ctx0, p, c0, n), chunk_sel, il, gpu, bring);
         if (r.async) {
             ggml_build_forward_expand(g.gf, r.p.gate);
             ggml_build_forward_expand(g.gf, r.p.up);
@@ -322,11 +383,13 @@ static ggml_tensor * pi_build_dense_gpu_part(const llm_graph_context & g, ggml_t
     };
     // in place: the next chunk's rows are asked for before this one's GEMMs
     ggml_tensor * out = nullptr;
-    pi_dense_rows next = in_place ? select_chunk(0) : pi_dense_rows{};
+    pi_dense_rows next_rows = in_place ? select_chunk(0) : pi_dense_rows{};
     for (int64_t c0 = 0; c0 < n_rows; c0 += LLAMA_PI_GPU_CHUNK_ROWS) {
-        const pi_dense_rows rows = in_place ? next : select_chunk(c0);
+        const pi_dense_rows rows = in_place ? next_rows : select_chunk(c0);
         if (in_place && c0 + LLAMA_PI_GPU_CHUNK_ROWS < n_rows) {
-            next = select_chunk(c0 + LLAMA_PI_GPU_CHUNK_ROWS);
+            next_rows = select_chunk(c0 + LLAMA_PI_GPU_CHUNK_ROWS);
+        } else if (in_place && next != nullptr) {
+            pi_prefetch_next(g, *next, il + 1, cur, gpu);
         }
         ggml_tensor * chunk_out = pi_dense_ffn(g, cur, rows, layer, il, gpu);
         if (out) {
@@ -374,15 +437,12 @@ static uint32_t pi_op_flags(const llama_pi_hparams & pi) {
 
 // The FFN of a sparse file: each part (a split layer: hot rows, then cold rows) its own way, the
 // parts' sums added. With all_active every row is computed, predictor skipped.
-static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
+static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_model & model, int il) {
+    const llama_layer & layer = model.layers[il];
     ggml_context * ctx0 = g.ctx0;
     const llama_pi_hparams & pi = g.hparams.pi;
     const int64_t n_tokens = cur->ne[1];
-    std::vector<pi_ffn_part> parts = { { layer.ffn_gate, layer.ffn_up, layer.pi.ffn_down_t, layer.pi.pred_threshold, 0 } };
-    if (layer.pi.ffn_gate_cold) {
-        parts.push_back({ layer.pi.ffn_gate_cold, layer.pi.ffn_up_cold, layer.pi.ffn_down_t_cold,
-                          layer.pi.pred_threshold_cold, layer.ffn_gate->ne[1] });
-    }
+    const std::vector<pi_ffn_part> parts = pi_layer_parts(layer);
     const bool predicted = pi.rt_sparse && !pi.rt_all_active;
     ggml_tensor * score = predicted ? pi_build_score(g, cur, layer, il) : nullptr;
     const ggml_pi_act act = pi.ffn_act == LLAMA_PI_ACT_DRELU ? GGML_PI_ACT_DRELU : GGML_PI_ACT_RELU;
@@ -400,7 +460,8 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
                                           p.r0 == 0 ? layer.pi.counters : layer.pi.counters_cold);
             g.cb(part_out, "ffn_pi_sparse", il);
         } else if (way == PI_WAY_DENSE_GPU) {
-            part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, gpu);
+            const bool last = &p == &parts.back() && il + 1 < (int) g.hparams.n_layer();
+            part_out = pi_build_dense_gpu_part(g, cur, p, part_score, layer, il, gpu, last ? &model.layers[il + 1] : nullptr);
         } else {
             part_out = pi_build_dense_part(g, cur, p, part_score, layer, il);
         }
@@ -409,9 +470,10 @@ static ggml_tensor * pi_build_sparse_file_ffn(const llm_graph_context & g, ggml_
     return out;
 }
 
-ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il) {
+ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_model & model, int il) {
+    const llama_layer & layer = model.layers[il];
     if (layer.pi.ffn_down_t) {
-        return pi_build_sparse_file_ffn(g, cur, layer, il);
+        return pi_build_sparse_file_ffn(g, cur, model, il);
     }
     if (g.hparams.pi.ffn_act != LLAMA_PI_ACT_DRELU) {
         const llm_ffn_op_type op = g.hparams.pi.ffn_act == LLAMA_PI_ACT_RELU ? LLM_FFN_RELU : LLM_FFN_SILU;

@@ -116,9 +116,9 @@ void llama_pi_create_layer_tensors(llama_model_base & model, llama_layer & layer
 // backend running the part's op adds to them where they lie; and each part's copy_all_from.
 void llama_pi_loaded(llama_model_base & model);
 
-// The dense gated FFN of one layer with hparams.pi.ffn_act. The one place a llama-family graph
-// builds its FFN: the sparse FFN branches off here.
-ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_layer & layer, int il);
+// The dense gated FFN of layer il with hparams.pi.ffn_act. The one place a llama-family graph
+// builds its FFN: the sparse FFN branches off here (and may read the next layer's rows ahead).
+ggml_tensor * llama_pi_build_ffn(const llm_graph_context & g, ggml_tensor * cur, const llama_model & model, int il);
 
 // The planner's answer (llama-powerinfer-plan.cpp); llama_pi_plan() is its C face.
 struct llama_pi_plan_result {

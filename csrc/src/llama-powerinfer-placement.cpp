@@ -302,6 +302,12 @@ static std::vector<llama_pi_plan_layer> pi_layer_costs(const llama_model_base & 
     return cost;
 }
 
+// One chunk of a large ubatch's dense FFN on the GPU as it comes over: its gate, up and down rows
+static int64_t pi_chunk_bytes(const llama_model_loader & ml, int64_t n_ff_max, int64_t n_ff0) {
+    const int64_t rows = std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS);
+    return rows * 3 * ((int64_t) pi_bytes_of(ml, "blk.0.ffn_gate.weight") / n_ff0);
+}
+
 // The staging of a large ubatch's dense FFN on the GPU: two chunks of rows in CPU memory brought
 // over (gate, up, down: the next chunk's cross the bus during this one's GEMMs), a quantized down
 // dequantized to F32 and, where the GPU's out_prod does not read that down
@@ -317,12 +323,13 @@ static int64_t pi_staging_bytes(const llama_model_loader & ml, ggml_backend_dev_
     ggml_tensor * w = ggml_new_tensor_2d(probe.ctx, down_type, down_b / ggml_type_size(down_type), rows);
     ggml_tensor * h = ggml_new_tensor_2d(probe.ctx, GGML_TYPE_F32, rows, 512);
     const bool out_prod = ggml_backend_dev_supports_op(gpu, ggml_out_prod(probe.ctx, w, ggml_transpose(probe.ctx, h)));
-    return rows * (2 * 3 * row_b + (quantized ? down_b : 0) + (out_prod ? 0 : down_b));
+    return 2 * pi_chunk_bytes(ml, n_ff_max, n_ff0) + rows * ((quantized ? down_b : 0) + (out_prod ? 0 : down_b));
 }
 
 // Compute buffers of a prompt ubatch (n_ub tokens) on the GPU. llama.cpp's allocator reuses memory
 // from one part of the graph to the next, so its buffer is the largest part, not their sum (the
-// sum held back 2.4x what was allocated: docs/NOTES.md): attention (scores and their softmax), the
+// sum held back 2.4x what was allocated: docs/NOTES.md): attention (scores and their softmax, and
+// the next layer's first chunk prefetched during the layer before: llama-powerinfer-graph.cpp), the
 // FFN (score, its difference from the threshold, the mask and its transpose over every row; gate,
 // up and h of a chunk; the chunks' staging) or the output (logits of every token), all F32, with the residual
 // stream alive throughout; plus 64 MiB for the backend's own pool (activations converted for its
@@ -337,7 +344,8 @@ static int64_t pi_compute_reserve(const llama_model_base & model, const llama_mo
     }
     const int64_t n_ub = std::min<int64_t>(512, n_ctx);
     const int64_t n_embd = hp.n_embd;
-    const int64_t attention = n_ub * 4 * (2 * n_head_max * n_ctx + 4 * n_embd);
+    const int64_t attention = n_ub * 4 * (2 * n_head_max * n_ctx + 4 * n_embd) +
+                              (gpu ? pi_chunk_bytes(ml, n_ff_max, hp.n_ff(0)) : 0);
     const int64_t ffn = (gpu ? pi_staging_bytes(ml, gpu, n_ff_max, hp.n_ff(0)) : 0) +
                         n_ub * 4 * (4 * n_ff_max + 3 * std::min(n_ff_max, LLAMA_PI_GPU_CHUNK_ROWS));
     const int64_t output = n_ub * 4 * ((int64_t) model.vocab.n_tokens() + n_embd);
