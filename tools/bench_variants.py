@@ -2,7 +2,7 @@
 interleaved: what in llama-bench's way of running moves a side's prompt speed (its thread pool's
 polling, the number of threads), side by side in one call.
 
-    PYTHONPATH=. python tools/bench_variants.py RUN.json [--variant "--poll 0"] [--variant "-t 4"] [--variant "-lm mmap"]
+    PYTHONPATH=. python tools/bench_variants.py RUN.json [--variant "--poll 0"] [--variant "-t 4"] [--variant "-lm auto"]
         [-p 512] [-r 3] [--sides ours,stock_ot]
 
 RUN.json: pi-bench's --json of the same machine and files (each side's binary, file and arguments

@@ -28,7 +28,7 @@
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh variants
-#                              -ot and ours' pp512 as pi-bench runs them, with --poll 0, -t 4, -lm mmap
+#                              -ot and ours' pp512 as pi-bench runs them, with --poll 0, -t 4, -lm auto
 #                              (tools/bench_variants.py), rounds interleaved
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
@@ -192,12 +192,12 @@ prompt)
 variants)
     # what in llama-bench's way of running moves each side's prompt (docs/NOTES.md, 2026-12-04):
     # pi-bench once at BUDGET for the sides' commands, then -ot and ours as pi-bench runs them,
-    # with --poll 0, with -t 4 and mmapped (llama-bench's default), rounds interleaved
+    # with --poll 0, with -t 4 and in load mode auto (llama-bench's default), rounds interleaved
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
     rm -f /tmp/pi-run.json
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-10GiB} -t 16 \
         -p 512 -n 0 -r 1 --ttft none --json /tmp/pi-run.json 2>&1 | grep -v "^\[" | tail -4
-    python3 tools/bench_variants.py /tmp/pi-run.json --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm mmap" -r 3 \
+    python3 tools/bench_variants.py /tmp/pi-run.json --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm auto" -r 3 \
         | tee "$OUT/$P-variants.txt"
     el "variants done"
     ;;

@@ -355,6 +355,21 @@ static bool pi_any_gpu() {
     return false;
 }
 
+void llama_pi_auto_load_mode(const llama_model_base & model, llama_model_loader & ml) {
+    if (!model.hparams.pi.sparse || !ml.use_mmap) {
+        return;
+    }
+    for (const auto & d : model.devices) {
+        if (!d.is_meta && ggml_backend_dev_host_buffer_type(d.dev) != nullptr) {
+            ml.use_mmap = false;
+            LLAMA_LOG_INFO("%s: powerinfer: load mode auto: the rows in CPU memory are loaded into %s's pinned host "
+                           "memory, not mapped (large ubatches bring them to it; give a load mode to choose)\n",
+                           __func__, ggml_backend_dev_name(d.dev));
+            return;
+        }
+    }
+}
+
 void llama_pi_loaded(llama_model_base & model) {
     if (!model.hparams.pi.sparse) {
         return;
