@@ -96,6 +96,17 @@ def test_llama_bench_takes_kv_overrides(tiny_pi):
     assert bad.returncode != 0 and "no GPU device" in bad.stderr
 
 
+def test_load_mode_auto_keeps_mmap_without_pinned_gpu_memory(tiny_pi):
+    # our file is loaded unmapped in load mode auto only where a GPU has pinned host memory
+    # (llama_pi_auto_load_mode); here, with none, it is mapped as llama.cpp maps any file
+    from powerinfer_gguf.build import bin_path
+    _, ours, _ = tiny_pi
+    r = subprocess.run([str(bin_path("patched", "llama-bench")), "-m", str(ours), "-p", "0", "-n", "1", "-r", "1",
+                        "-t", "2", "-v"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(load_mode = mmap)" in r.stderr and "powerinfer: load mode auto" not in r.stderr
+
+
 def test_stock_override_plan():
     from powerinfer_gguf.bench.stock import stock_override
     from powerinfer_gguf.model_file import ModelSizes
