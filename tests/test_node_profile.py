@@ -26,5 +26,7 @@ def test_profile_names_our_nodes_and_refuses_to_overwrite(tiny_pi, tmp_path):
     assert all(n["ms"] >= 0 and n["before_ms"] >= 0 for n in nodes)
     again = run(ours, "-p", 16, "--n-ctx", 64, "--json", out)
     assert again.returncode != 0 and again.stderr.strip().endswith("exists; give a new path")
+    rand = run(ours, "-p", 8, "--n-ctx", 64, "-t", 1, "--top", 0, "--random-tokens")
+    assert rand.returncode == 0 and "plain ubatch of 8 tokens" in rand.stdout, rand.stderr[-2000:]
     bad = run(ours, "-p", 100, "--n-ctx", 64)
     assert bad.returncode != 0 and "-p 100 must be 1..--n-ctx (64)" in bad.stderr

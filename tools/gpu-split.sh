@@ -28,7 +28,8 @@
 #   tools/gpu-split.sh kernel  CPU kernel GB/s of rows read against dense, 16 threads, 2 MB pages,
 #                              interleaved rounds; the op on CUDA against its definition and the CPU
 #   [PRESET=13b] [BUDGET=10GiB] tools/gpu-split.sh variants
-#                              -ot and ours' pp512 as pi-bench runs them, with --poll 0, -t 4, -lm auto
+#                              -ot and ours' pp512 as pi-bench runs them, with --poll 0, -t 4, -lm auto;
+#                              ours' one ubatch through the Python API, fixed and random tokens
 #                              (tools/bench_variants.py), rounds interleaved
 #   [PRESET=7b] [BUDGET=10GiB] tools/gpu-split.sh head
 #                              waits for that synth; pi-bench at BUDGET (default 40%; stock's best of
@@ -199,6 +200,12 @@ variants)
         -p 512 -n 0 -r 1 --ttft none --json /tmp/pi-run.json 2>&1 | grep -v "^\[" | tail -4
     python3 tools/bench_variants.py /tmp/pi-run.json --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm auto" -r 3 \
         | tee "$OUT/$P-variants.txt"
+    # ours' one ubatch through the Python API (no thread pool attached), a fixed sequence of
+    # tokens and random ones
+    for tok in "" --random-tokens; do
+        python3 tools/node_profile.py $M/$P.pi.gguf --vram-budget ${BUDGET:-10GiB} --n-ctx 544 -p 512 -t 16 --top 0 $tok \
+            2>&1 | grep "^plain" | sed "s/^/Python API, ${tok:-fixed tokens}: /"
+    done | tee -a "$OUT/$P-variants.txt"
     el "variants done"
     ;;
 head)

@@ -5,7 +5,7 @@ node's start is the scheduler's work there: a new split's input copies (weights 
 brought to the GPU, activations between backends) and launches.
 
     PYTHONPATH=. LLAMA_CPP_LIB_PATH=<patched bin> python tools/node_profile.py OURS.gguf \
-        [--vram-budget 10GiB] [--n-ctx 544] [-p 512] [-t 16] [--top 15] [--json OUT.json]
+        [--vram-budget 10GiB] [--n-ctx 544] [-p 512] [-t 16] [--top 15] [--random-tokens] [--json OUT.json]
 
 Waiting after every node adds a few microseconds each: compare the sum with the plain run printed
 next to it (the same ubatch, no callback). Prints time by kind of node (our FFN's parts by name,
@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import time
 from collections import defaultdict
 
@@ -95,10 +96,15 @@ def decode_once(ctx, tokens: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def profile(path: str, budget: str, n_ctx: int, n_tokens: int, threads: int) -> tuple[list[dict], float]:
+def profile(path: str, budget: str, n_ctx: int, n_tokens: int, threads: int,
+            random_tokens: bool = False) -> tuple[list[dict], float]:
     llm = Llama(path, vram_budget=budget, n_ctx=n_ctx, n_batch=n_tokens, n_ubatch=n_tokens, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
-    tokens = [(7 + 13 * i) % (llm.n_vocab() - 10) + 5 for i in range(n_tokens)]
+    if random_tokens:  # as llama-bench sends them
+        rng = random.Random(0)
+        tokens = [rng.randrange(5, llm.n_vocab()) for _ in range(n_tokens)]
+    else:
+        tokens = [(7 + 13 * i) % (llm.n_vocab() - 10) + 5 for i in range(n_tokens)]
     decode_once(llm.ctx, tokens)  # warm-up
     plain = min(decode_once(llm.ctx, tokens) for _ in range(2))
     clock = NodeClock()
@@ -151,6 +157,7 @@ def main() -> None:
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--random-tokens", action="store_true", help="random tokens (as llama-bench), not a fixed sequence")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.n_prompt < 1 or a.n_prompt > a.n_ctx:
@@ -159,7 +166,7 @@ def main() -> None:
         raise SystemExit(f"node_profile: {a.json} exists; give a new path")
     if not os.path.isfile(a.model):
         raise SystemExit(f"node_profile: {a.model}: no such file")
-    nodes, plain = profile(a.model, a.vram_budget, a.n_ctx, a.n_prompt, a.threads)
+    nodes, plain = profile(a.model, a.vram_budget, a.n_ctx, a.n_prompt, a.threads, a.random_tokens)
     print(summary(nodes, plain, a.n_prompt, a.top))
     if a.json:
         with open(a.json, "x") as f:
