@@ -1,11 +1,15 @@
 """tools/bench_variants.py: pi-bench's sides run again with variants of llama-bench's settings."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_variants import apply_variant  # noqa: E402
 
 
 def run(*args):
@@ -25,7 +29,22 @@ def test_variants_rerun_each_side_as_pi_bench_ran_it(tiny_pi, tmp_path):
     rows = [line for line in v.stdout.splitlines() if line.startswith(("| stock |", "| ours |"))]
     assert len(rows) == 2 and all(len(row.split("|")) == 6 for row in rows)
     assert v.stdout.count("round 2 ours [-t 1]: pp16 ") == 1
-    bad = run(j, "--variant=--poll")
-    assert bad.returncode != 0 and bad.stderr.strip().endswith("'--poll': give each option one value")
-    none = run(j, "--sides", "stock_ot")
-    assert none.returncode != 0 and "none of the sides stock_ot in" in none.stderr
+    # a variant's option replaces the one the side has (llama-bench would run both values)
+    assert apply_variant(["-ngl", "0", "-lm", "none"], 2, "-lm auto -t 1 --poll 0") == \
+        (["-ngl", "0", "-lm", "auto", "--poll", "0"], 1)
+
+
+def test_bad_input_is_one_line_before_any_run(tiny_pi, tmp_path):
+    _, ours, twin = tiny_pi
+    j = tmp_path / "r.json"
+    j.write_text(json.dumps({"threads": 2, "ours": {"binary": "/nonexistent/llama-bench", "model": str(ours), "args": []}}))
+    for args, msg in [(["--variant=--poll"], "'--poll': give each option one value"),
+                      (["--variant", "-t x"], "-t needs a number in '-t x'"),
+                      (["--sides", "stock_ot"], "has the sides ours, not stock_ot"),
+                      (["-r", "0"], "-p and -r must be at least 1")]:
+        bad = run(j, *args)
+        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(msg), (args, bad.stderr)
+    missing = run(tmp_path / "nope.json")
+    assert missing.returncode != 0 and "not a pi-bench JSON" in missing.stderr
+    failing = run(j, "-r", "1")
+    assert failing.returncode != 0 and failing.stderr.strip().startswith("bench_variants: ours [as pi-bench]: ")

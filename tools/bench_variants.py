@@ -43,6 +43,20 @@ def apply_variant(args: list[str], threads: int, variant: str) -> tuple[list[str
     return args, threads
 
 
+def read_run(path: str, sides: str) -> tuple[dict, list[str]]:
+    """pi-bench's JSON and the sides asked for (all it has when none are named)"""
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench_variants: {path}: not a pi-bench JSON ({e.__class__.__name__})") from None
+    have = [s for s in ("stock", "stock_ot", "ours") if isinstance(run.get(s), dict)]
+    names = sides.split(",") if sides else have
+    unknown = [s for s in names if s not in have]
+    if unknown or not names:
+        raise SystemExit(f"bench_variants: {path} has the sides {', '.join(have) or 'none'}, not {', '.join(unknown)}")
+    return run, names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -51,21 +65,23 @@ def main() -> None:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("--sides", default="")
     a = ap.parse_args()
-    run = json.loads(Path(a.run).read_text())
-    names = [s for s in (a.sides.split(",") if a.sides else ["stock", "stock_ot", "ours"]) if s in run]
-    if not names:
-        raise SystemExit(f"bench_variants: none of the sides {a.sides or 'stock, stock_ot, ours'} in {a.run}")
-    variants = [""] + a.variant
-    tps: dict[tuple[str, str], list[float]] = {(s, v): [] for s in names for v in variants}
+    if a.n_prompt < 1 or a.rounds < 1:
+        raise SystemExit("bench_variants: -p and -r must be at least 1")
+    run, names = read_run(a.run, a.sides)
+    variants = list(dict.fromkeys([""] + a.variant))  # each once, pi-bench's own first
+    plans = {(s, v): apply_variant(run[s]["args"], run["threads"], v) for s in names for v in variants}
+    tps: dict[tuple[str, str], list[float]] = {key: [] for key in plans}
     for r in range(a.rounds):
         for s in names:
-            side = run[s]
             for v in variants:
-                args, threads = apply_variant(side["args"], run["threads"], v)
-                pp, _ = llama_bench_once(side["binary"], side["model"], args, [a.n_prompt], 0, threads)
+                args, threads = plans[(s, v)]
+                try:
+                    pp, _ = llama_bench_once(run[s]["binary"], run[s]["model"], args, [a.n_prompt], 0, threads)
+                except (RuntimeError, OSError) as e:
+                    raise SystemExit(f"bench_variants: {s} [{v or 'as pi-bench'}]: {e}") from None
                 tps[(s, v)].append(pp[a.n_prompt])
                 print(f"round {r + 1} {s} [{v or 'as pi-bench'}]: pp{a.n_prompt} {pp[a.n_prompt]:.1f}", flush=True)
-    print(f"\n| side | " + " | ".join(v or "as pi-bench" for v in variants) + " |")
+    print("\n| side | " + " | ".join(v or "as pi-bench" for v in variants) + " |")
     print("|---|" + "---:|" * len(variants))
     for s in names:
         cells = [f"{statistics.median(tps[(s, v)]):.0f} ({', '.join(f'{x:.0f}' for x in tps[(s, v)])})" for v in variants]

@@ -198,6 +198,7 @@ variants)
     rm -f /tmp/pi-run.json
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-10GiB} -t 16 \
         -p 512 -n 0 -r 1 --ttft none --json /tmp/pi-run.json 2>&1 | grep -v "^\[" | tail -4
+    [ -f /tmp/pi-run.json ] || { echo "variants: pi-bench wrote no /tmp/pi-run.json"; exit 1; }
     python3 tools/bench_variants.py /tmp/pi-run.json --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm auto" -r 3 \
         | tee "$OUT/$P-variants.txt"
     # ours' one ubatch through the Python API (no thread pool attached), a fixed sequence of

@@ -316,7 +316,10 @@ static pi_bring pi_bring_chunk(const llama_layer & layer, const pi_ffn_part & p,
 // them is safe: every CUDA graph's end joins the copy stream (patches/0002).
 static void pi_prefetch_next(const llm_graph_context & g, const llama_layer & next, int il_next, ggml_tensor * cur,
                              ggml_backend_t gpu) {
-    if (next.pi.ffn_down_t == nullptr) {
+    // the last layer's FFN runs on the output tokens only (llama.cpp's inp_out_ids), whose way this
+    // ubatch's size does not tell
+    const bool outputs_only = il_next == (int) g.hparams.n_layer() - 1 && g.n_outputs < cur->ne[1];
+    if (next.pi.ffn_down_t == nullptr || outputs_only) {
         return;
     }
     const pi_ffn_part q = pi_layer_parts(next).back();
@@ -336,18 +339,19 @@ static void pi_prefetch_next(const llm_graph_context & g, const llama_layer & ne
     }
 }
 
-// Layer il's first chunk as pi_prefetch_next asked for it in the layer before, if it did
-static bool pi_prefetched(const llm_graph_context & g, int il, pi_ffn_part & p) {
+// Part p's first n rows of layer il as pi_prefetch_next asked for them in the layer before, if it
+// did: only for the part it asked for (the layer's last), whatever else lies in host memory
+static bool pi_prefetched(const llm_graph_context & g, int il, const pi_ffn_part & p, int64_t n, pi_ffn_part & out) {
     char name[GGML_MAX_NAME];
     auto find = [&](const char * w) {
         snprintf(name, sizeof(name), "ffn_pi_prefetch_%s-%d", w, il);
         return ggml_graph_get_tensor(g.gf, name);
     };
     ggml_tensor * gate = find("gate");
-    if (gate == nullptr) {
+    if (gate == nullptr || gate->ne[1] != n || (gate->src[0] != p.gate && gate->src[0]->view_src != p.gate)) {
         return false;
     }
-    p = { gate, find("up"), find("down"), nullptr, p.r0 };
+    out = { gate, find("up"), find("down"), nullptr, p.r0 };
     return true;
 }
 
@@ -369,7 +373,7 @@ static ggml_tensor * pi_build_dense_gpu_part(const llm_graph_context & g, ggml_t
         const bool all = c0 == 0 && n == n_rows;
         const pi_selection chunk_sel = all ? sel : pi_selection_rows(g.ctx0, sel, c0, n);
         pi_ffn_part prefetched = p;
-        if (c0 == 0 && in_place && pi_prefetched(g, il, prefetched)) {
+        if (c0 == 0 && in_place && pi_prefetched(g, il, p, n, prefetched)) {
             return pi_dense_rows{ prefetched, chunk_sel.mask, true };
         }
         const pi_bring bring = in_place ? pi_bring_chunk(layer, p, c0 / LLAMA_PI_GPU_CHUNK_ROWS, cur->ne[1]) : PI_BRING_BY_SCHEDULER;

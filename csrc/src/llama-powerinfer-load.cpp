@@ -360,7 +360,9 @@ void llama_pi_auto_load_mode(const llama_model_base & model, llama_model_loader 
         return;
     }
     for (const auto & d : model.devices) {
-        if (!d.is_meta && ggml_backend_dev_host_buffer_type(d.dev) != nullptr) {
+        // a discrete GPU's: an integrated one shares the memory a mapping reads from
+        if (!d.is_meta && ggml_backend_dev_type(d.dev) == GGML_BACKEND_DEVICE_TYPE_GPU &&
+            ggml_backend_dev_host_buffer_type(d.dev) != nullptr) {
             ml.use_mmap = false;
             LLAMA_LOG_INFO("%s: powerinfer: load mode auto: the rows in CPU memory are loaded into %s's pinned host "
                            "memory, not mapped (large ubatches bring them to it; give a load mode to choose)\n",
