@@ -77,6 +77,12 @@ def run_cli(command: str, *args, timeout: int = 600) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_tool(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python tools/NAME ARGS` with the checkout on PYTHONPATH, output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None:
     """The command failed with exit status 1 and one line on stderr that contains ``fragment``
     (and nothing else: no progress line, so nothing ran before the error)."""

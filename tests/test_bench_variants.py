@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_tool
 
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_variants import apply_variant  # noqa: E402
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench_variants.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_tool("bench_variants.py", *args)
 
 
 def test_variants_rerun_each_side_as_pi_bench_ran_it(tiny_pi, tmp_path):

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_tool
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "node_profile.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_tool("node_profile.py", *args, timeout=300)
 
 
 def test_profile_names_our_nodes_and_refuses_to_overwrite(tiny_pi, tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, run_tool
 
 import pytest
 
@@ -197,16 +197,14 @@ def test_rpc_bench_times_both_sides_here_and_over_rpc(tiny_pi, tmp_path):
     """tools/rpc_bench.py: each build's rpc-server started here, the four runs, a table of both"""
     _, ours, twin = tiny_pi
     out = tmp_path / "rpc.json"
-    tool = Path(__file__).resolve().parent.parent / "tools" / "rpc_bench.py"
-    r = subprocess.run([sys.executable, str(tool), str(ours), "--stock", str(twin), "-t", "1", "-p", "8", "-n", "4",
-                        "-r", "1", "--hosts", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    r = run_tool("rpc_bench.py", ours, "--stock", twin, "-t", "1", "-p", "8", "-n", "4", "-r", "1", "--hosts", "1",
+                 "--json", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"\| over RPC \(-ngl 99\) \| [\d.]+ \| [\d.]+ \| [\d.]+x \|", r.stdout)
     assert re.search(r"ours: RPC costs a decoded token -?[\d.]+ ms", r.stdout)
     runs = json.loads(out.read_text())["runs"]
     assert all(runs[s][w][m][0] > 0 for s in ("ours", "stock") for w in ("here", "rpc") for m in ("pp", "tg"))
-    again = subprocess.run([sys.executable, str(tool), str(ours), "--stock", str(twin), "--json", str(out)],
-                           capture_output=True, text=True, timeout=60)
+    again = run_tool("rpc_bench.py", ours, "--stock", twin, "--json", out, timeout=60)
     assert again.returncode != 0 and again.stderr.strip().splitlines()[-1] == f"rpc_bench: {out} exists; give a new path"
 
 

@@ -2,13 +2,14 @@
 interleaved: what in llama-bench's way of running moves a side's prompt speed (its thread pool's
 polling, the number of threads), side by side in one call.
 
-    PYTHONPATH=. python tools/bench_variants.py RUN.json [--variant "--poll 0"] [--variant "-t 4"] [--variant "-lm auto"]
-        [-p 512] [-r 3] [--sides ours,stock_ot]
+    PYTHONPATH=. python tools/bench_variants.py RUN.json [--variant "--poll 0"] [--variant "-t 4"]
+        [--variant "-lm auto"] [-p 512] [-r 3] [--sides ours,stock_ot]
 
 RUN.json: pi-bench's --json of the same machine and files (each side's binary, file and arguments
 as pi-bench ran them). A variant is llama-bench options, each with a value: one the side has gets
 the variant's value instead (llama-bench runs every value an option is given), "-t N" the threads.
-The first column is pi-bench's own setting. Prints, per side and variant, the median pp t/s of the rounds and each round's figure.
+The first column is pi-bench's own setting. Prints, per side and variant, the median pp t/s of
+the rounds and each round's figure.
 """
 from __future__ import annotations
 

@@ -195,11 +195,11 @@ variants)
     # pi-bench once at BUDGET for the sides' commands, then -ot and ours as pi-bench runs them,
     # with --poll 0, with -t 4 and in load mode auto (llama-bench's default), rounds interleaved
     export LLAMA_CPP_LIB_PATH=$(pi_patched_bin)
-    rm -f /tmp/pi-run.json
+    J=$(mktemp -d /tmp/pi-run-XXXXXX)/run.json  # a new folder: pi-bench refuses a JSON that exists
     python3 -m powerinfer_gguf bench $M/$P.pi.gguf --stock $M/$P.stock.gguf --vram-budget ${BUDGET:-10GiB} -t 16 \
-        -p 512 -n 0 -r 1 --ttft none --json /tmp/pi-run.json 2>&1 | grep -v "^\[" | tail -4
-    [ -f /tmp/pi-run.json ] || { echo "variants: pi-bench wrote no /tmp/pi-run.json"; exit 1; }
-    python3 tools/bench_variants.py /tmp/pi-run.json --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm auto" -r 3 \
+        -p 512 -n 0 -r 1 --ttft none --json $J 2>&1 | grep -v "^\[" | tail -4
+    [ -f $J ] || { echo "variants: pi-bench wrote no $J"; exit 1; }
+    python3 tools/bench_variants.py $J --sides stock_ot,ours --variant "--poll 0" --variant "-t 4" --variant "-lm auto" -r 3 \
         | tee "$OUT/$P-variants.txt"
     # ours' one ubatch through the Python API (no thread pool attached), a fixed sequence of
     # tokens and random ones

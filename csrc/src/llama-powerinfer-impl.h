@@ -103,10 +103,11 @@ bool llama_pi_dev_is_gpu(ggml_backend_dev_t dev);
 int llama_pi_plan_placement(llama_model_base & model, llama_model_loader & ml, int n_gpu_layers);
 
 // Load mode "auto" (llama.cpp's default: mmap) for a sparse file on a machine whose discrete GPU
-// has pinned host memory: no mmap (a file larger than RAM then needs an explicit mmap load mode). Mapped, llama.cpp keeps CPU-resident weights in the file's pageable pages
-// instead of that pinned memory, and a large ubatch's rows then cross the bus 6x slower (13B at
-// 10 GiB: pp512 ~230 t/s against ~1300: docs/NOTES.md); stock's -ot pays the same (llama.cpp warns
-// of it there). Decode loses nothing: our CPU buffers get 2 MB pages only when not mapped.
+// has pinned host memory: no mmap. Mapped, llama.cpp keeps CPU-resident weights in the file's
+// pageable pages instead of that pinned memory, and a large ubatch's rows then cross the bus 6x
+// slower (13B at 10 GiB: pp512 ~230 t/s against ~1300: docs/NOTES.md); stock's -ot pays the same
+// (llama.cpp warns of it there). Decode loses nothing: our CPU buffers get 2 MB pages only when not
+// mapped. A file larger than RAM then needs an explicit mmap load mode.
 void llama_pi_auto_load_mode(const llama_model_base & model, llama_model_loader & ml);
 
 // Splits the file tensor `name` along its last dimension at `rows`: the loader then knows `name` as
